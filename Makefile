@@ -1,0 +1,53 @@
+# Two commands for a fresh machine:
+#   make train   install what is needed, then train configs/default.py (nano, Fashion-MNIST)
+#   make test    install what is needed, then run the test suite
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+WORKDIR ?= runs/default
+CONFIG ?= configs/default.py
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: train test lint bench install install-dev data clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+# Debian's dataset-fashion-mnist holds the IDX files the default run and the convergence tests read.
+data:
+	@if [ ! -d $(FMNIST_DIR) ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	      { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
+	      echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; \
+	  else echo "warning: apt-get not found; install dataset-fashion-mnist to get $(FMNIST_DIR)"; fi; \
+	fi
+
+train: install data
+	$(VPY) train.py --config $(CONFIG) --workdir $(WORKDIR)
+
+test: install-dev data
+	$(VPY) -m pytest -q tests
+
+lint: install-dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install
+	$(VPY) benchmarks/lif.py
+	$(VPY) benchmarks/model.py
+	$(VPY) benchmarks/input.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

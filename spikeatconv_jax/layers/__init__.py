@@ -1,0 +1,1 @@
+"""Stateless building blocks shared by the spiking core and the models."""

@@ -1,0 +1,250 @@
+"""SPK blocks (DESIGN.md §3): the spiking activations that replace every activation.
+
+All kinds take a real input of shape [T, B, ..., C] (DCL and the MBPL `dwconv`/`convnext`
+merges need the spatial layout [T, B, H, W, C]) and return the same shape in the input dtype.
+
+  sl    Y = LIF_θ(X)                                   binary
+  rl    S1 = LIF_θ1(X); S2 = LIF_θ2(X + S1); Y = S1+S2 integer {0,1,2}  (rl_mode='literal': LIF_θ2(S1))
+  mbpl  S_k = LIF_θk(X); Y = Σ S_k + γ·LN(Σ_k DW7_k(S_k))   merge 'dwconv' (spec), 'sum', 'convnext'
+  hsl   Y = concat(LIF_θ1(X[..., :C/2]), LIF_θ2(X[..., C/2:]))
+  dcl   Y = concat(LIF(Conv3x3(X)), LIF(Conv5x5(X))), each C -> C/2, bias; optional BN
+  none  identity, or GELU (`none_act='gelu'`): the spike-free network
+
+Every LIF branch's firing rate per time step is sown as `("spikes", "rate")`, an array
+[K, T]: branch k's mean spike rate at step t over batch, positions and channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spikeatconv_jax.layers.dwconv import DepthwiseConv
+from spikeatconv_jax.snn.lif import lif_multistep
+
+Dtype = Any
+
+SPK_KINDS = ("sl", "rl", "mbpl", "hsl", "dcl", "none")
+DEFAULT_THRESHOLDS = {
+  "sl": (1.0,),
+  "rl": (1.0, 2.0),
+  "mbpl": (0.2, 1.0, 2.0, 4.0),
+  "hsl": (1.0, 2.0),
+  "dcl": (1.0, 1.0),
+  "none": (),
+}
+RL_MODES = ("cascade", "literal")
+MBPL_MERGES = ("dwconv", "sum", "convnext")
+
+
+def check_spk_kind(kind: str) -> None:
+  if kind not in SPK_KINDS:
+    raise ValueError(f"unknown SPK kind {kind!r}; known kinds: {', '.join(SPK_KINDS)}")
+
+
+def spk_output_is_binary(kind: str, mbpl_merge: str = "dwconv") -> bool:
+  """Whether an SPK of this kind emits strictly 0/1 values (for the MAC/AC rule)."""
+  return kind in ("sl", "hsl", "dcl")
+
+
+class SPK(nn.Module):
+  """A spiking activation block over [T, B, ..., C]; see the module docstring.
+
+  Attributes:
+    kind: one of SPK_KINDS.
+    thresholds: per-branch V_th; empty means the kind's default (DEFAULT_THRESHOLDS).
+    threshold_scale: multiplies every threshold (0.5 for attention outputs, DESIGN.md §4).
+    tau, v_reset, decay_input, detach_reset, surrogate, alpha: LIF settings (DESIGN.md §2).
+    rl_mode, mbpl_merge, dcl_norm: per-kind options (DESIGN.md §3).
+    none_act: what kind='none' computes ('identity' or 'gelu').
+  """
+
+  kind: str = "sl"
+  thresholds: Sequence[float] = ()
+  threshold_scale: float = 1.0
+  tau: float = 2.0
+  v_reset: float | None = 0.0
+  decay_input: bool = True
+  detach_reset: bool = True
+  surrogate: str = "atan"
+  alpha: float | None = None
+  rl_mode: str = "cascade"
+  mbpl_merge: str = "dwconv"
+  dcl_norm: bool = False
+  none_act: str = "identity"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _thresholds(self) -> tuple[float, ...]:
+    th = tuple(self.thresholds) or DEFAULT_THRESHOLDS[self.kind]
+    return tuple(float(t) * self.threshold_scale for t in th)
+
+  def _lif(self, x, v_threshold):
+    return lif_multistep(
+      x,
+      tau=self.tau,
+      v_threshold=v_threshold,
+      v_reset=self.v_reset,
+      decay_input=self.decay_input,
+      detach_reset=self.detach_reset,
+      surrogate=self.surrogate,
+      alpha=self.alpha,
+    )
+
+  def _sow_rates(self, spikes: Sequence[jax.Array]):
+    # [K, T]: mean over everything but time, in float32.
+    rates = jnp.stack(
+      [jnp.mean(s.astype(jnp.float32), axis=tuple(range(1, s.ndim))) for s in spikes]
+    )
+    self.sow("spikes", "rate", rates)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    check_spk_kind(self.kind)
+    if self.kind == "none":
+      return nn.gelu(x, approximate=False) if self.none_act == "gelu" else x
+    th = self._thresholds()
+    dtype = x.dtype
+
+    if self.kind == "sl":
+      s = self._lif(x, th[0])
+      self._sow_rates([s])
+      return s
+
+    if self.kind == "rl":
+      if self.rl_mode not in RL_MODES:
+        raise ValueError(f"unknown rl_mode {self.rl_mode!r}; known: {', '.join(RL_MODES)}")
+      s1 = self._lif(x, th[0])
+      s2 = self._lif(x + s1 if self.rl_mode == "cascade" else s1, th[1])
+      self._sow_rates([s1, s2])
+      return s1 + s2
+
+    if self.kind == "hsl":
+      c = x.shape[-1]
+      if c % 2:
+        raise ValueError(f"HSL splits channels in half; got an odd channel count {c}")
+      s1 = self._lif(x[..., : c // 2], th[0])
+      s2 = self._lif(x[..., c // 2 :], th[1])
+      self._sow_rates([s1, s2])
+      return jnp.concatenate([s1, s2], axis=-1)
+
+    if self.kind == "dcl":
+      if x.ndim != 5:
+        raise ValueError(f"DCL needs a [T, B, H, W, C] input, got shape {x.shape}")
+      t, b, h, w, c = x.shape
+      if c % 2:
+        raise ValueError(f"DCL outputs C/2 + C/2 channels; got an odd channel count {c}")
+      xf = x.reshape(t * b, h, w, c)
+      outs = []
+      for i, k in enumerate((3, 5)):
+        z = nn.Conv(
+          c // 2,
+          (k, k),
+          padding="SAME",
+          use_bias=True,
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          kernel_init=nn.initializers.truncated_normal(0.02),
+          name=f"conv{k}x{k}",
+        )(xf)
+        if self.dcl_norm:
+          z = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=f"bn{k}x{k}",
+          )(z)
+        outs.append(self._lif(z.reshape(t, b, h, w, c // 2).astype(dtype), th[i]))
+      self._sow_rates(outs)
+      return jnp.concatenate(outs, axis=-1)
+
+    # mbpl
+    if self.mbpl_merge not in MBPL_MERGES:
+      raise ValueError(f"unknown mbpl_merge {self.mbpl_merge!r}; known: {', '.join(MBPL_MERGES)}")
+    spikes = [self._lif(x, v) for v in th]
+    self._sow_rates(spikes)
+    count = sum(spikes[1:], spikes[0])
+    if self.mbpl_merge == "sum":
+      return count
+    if x.ndim != 5:
+      raise ValueError(f"MBPL merge {self.mbpl_merge!r} needs [T, B, H, W, C], got {x.shape}")
+    t, b, h, w, c = x.shape
+    # One depthwise 7x7 per branch, summed: a grouped conv K*C -> C with groups=C.
+    z = None
+    for k, s in enumerate(spikes):
+      zk = DepthwiseConv(
+        7,
+        use_bias=(k == 0),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name=f"merge_dw{k}",
+      )(s.reshape(t * b, h, w, c))
+      z = zk if z is None else z + zk
+    if self.mbpl_merge == "convnext":
+      z = nn.LayerNorm(
+        epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_ln0"
+      )(z)
+      z = nn.Dense(4 * c, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_fc1")(z)
+      z = nn.gelu(z, approximate=False)
+      z = nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_fc2")(z)
+    else:
+      z = nn.LayerNorm(
+        epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_ln"
+      )(z)
+    gamma = self.param("merge_gamma", nn.initializers.constant(1e-6), (c,), self.param_dtype)
+    z = (z * gamma.astype(z.dtype)).reshape(t, b, h, w, c)
+    return (count + z).astype(dtype)
+
+
+def make_spk(cfg: Any, *, threshold_scale: float = 1.0, none_act: str = "identity", **kw) -> SPK:
+  """Builds an SPK from a `model.spk` ConfigDict (DESIGN.md §13 names).
+
+  Args:
+    cfg: ConfigDict/mapping with kind, thresholds, tau, surrogate, alpha, v_reset,
+      decay_input, detach_reset, rl_mode, mbpl_merge, dcl_norm (missing keys: defaults).
+    threshold_scale: 0.5 for the attention-output SPK.
+    none_act: what kind='none' becomes at this site ('gelu' where the ANN has GELU).
+    **kw: module attributes such as name, dtype.
+  """
+  get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
+  kind = get("kind", "sl")
+  check_spk_kind(kind)
+  thresholds = get("thresholds", ()) or ()
+  return SPK(
+    kind=kind,
+    thresholds=tuple(float(t) for t in thresholds),
+    threshold_scale=threshold_scale,
+    tau=float(get("tau", 2.0)),
+    v_reset=get("v_reset", 0.0),
+    decay_input=bool(get("decay_input", True)),
+    detach_reset=bool(get("detach_reset", True)),
+    surrogate=get("surrogate", "atan"),
+    alpha=get("alpha", None),
+    rl_mode=get("rl_mode", "cascade"),
+    mbpl_merge=get("mbpl_merge", "dwconv"),
+    dcl_norm=bool(get("dcl_norm", False)),
+    none_act=none_act,
+    **kw,
+  )
+
+
+def collect_rates(spikes: Any) -> dict[str, jax.Array]:
+  """Flattens a sown "spikes" collection to {"path/of/spk_site": rates [K, T]}.
+
+  `spikes` is the "spikes" collection returned by `apply(..., mutable=["spikes"])`.
+  A site called more than once in one apply (e.g. shared modules) reports the mean.
+  """
+  out = {}
+  for path, value in flax.traverse_util.flatten_dict(dict(spikes)).items():
+    if path[-1] != "rate":
+      continue
+    vals = value if isinstance(value, tuple) else (value,)
+    out["/".join(path[:-1])] = sum(vals[1:], vals[0]) / len(vals)
+  return out
