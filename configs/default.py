@@ -29,7 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.eval_split = "test"
   config.dataset.num_classes = 10
   config.dataset.image_size = 32
-  config.dataset.pp_train = "fmnist_decode|pad_to(32)|random_crop(32,pad=2)|flip_lr|normalize('fmnist')"
+  config.dataset.pp_train = (
+    "fmnist_decode|pad_to(32)|random_crop(32,pad=2)|flip_lr|normalize('fmnist')"
+  )
   config.dataset.pp_eval = "fmnist_decode|pad_to(32)|normalize('fmnist')"
   config.dataset.shuffle_buffer = 20_000
   config.dataset.cache = True
