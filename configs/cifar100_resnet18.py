@@ -1,6 +1,7 @@
 r"""CIFAR-100 ResNet-18 ablations: one preset per row of the paper's Tables 1 and 2 (§4.1).
 
-  python train.py --config configs/cifar100_resnet18.py:preset=mbpl4_t2 --workdir runs/c100_mbpl4_t2 \
+  python train.py --config configs/cifar100_resnet18.py:preset=mbpl4_t2 \
+    --workdir runs/c100_mbpl4_t2 \
     --config.dataset.data_dir=/path/to/tensorflow_datasets
 
 Recipe (paper §4.1, DESIGN.md §9): 200 epochs, batch 256, AdamW lr 0.02 with 5 linear warmup
