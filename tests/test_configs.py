@@ -65,3 +65,18 @@ def test_default_config_builds():
   config = default.get_config()
   assert config.model.variant == "nano" and config.dataset.name == "fashion_mnist_local"
   assert _abstract_params(config.model, config.dataset.image_size) > 0
+
+
+def test_run_presets_lists_every_table(capsys):
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "run_presets.py"
+  spec = importlib.util.spec_from_file_location("run_presets", path)
+  run_presets = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(run_presets)
+  assert [len(run_presets.table_runs(t)) for t in (1, 2, 3, 4)] == [10, 8, 6, 7]
+  assert run_presets.main(["--table", "2", "--list"]) == 0
+  assert "mbpl8_t2" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    run_presets.main(["--table", "1"])  # running needs --data_dir
