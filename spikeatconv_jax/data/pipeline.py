@@ -1,0 +1,383 @@
+"""tf.data input pipelines over tfds datasets, handing out global jax.Arrays.
+
+Public API (the contract the training code uses):
+
+* `train_iterator(dataset_cfg, *, global_batch_size, sharding, seed, start_step=0)`: infinite
+  iterator of ``{"image": [B, H, W, C] float32, "label": [B] int32}`` global jax.Arrays.
+* `eval_iterator(dataset_cfg, *, split, global_batch_size, sharding)`: one pass over `split` in
+  a fixed order, each batch with an extra ``"mask"`` [B] float32 (0 for padding).
+* `num_examples(dataset_cfg, split)`.
+
+Each process reads its own disjoint part of the split (`tfds.even_splits` by process index).
+
+Determinism and resume. The training stream of one process is the concatenation of epochs;
+epoch e is the process's shard, read in a fixed order, numbered 0..n-1 and shuffled with a
+buffer seeded by (seed, process, e). Each element's augmentation seed is derived from (seed,
+process, e, example number), so it does not depend on when or where the element is processed.
+Step s consumes stream elements [s*b, (s+1)*b) for the per-process batch b, so
+``start_step=N`` starts at epoch ``N*b // n`` and skips ``N*b % n`` raw (undecoded) records of
+it: the batches equal those of an uninterrupted run from step N on. The skip reads records it
+throws away: negligible for Fashion-MNIST/CIFAR, and for ImageNet up to one epoch of one
+process's records read from disk (no decoding) at start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+from collections.abc import Iterator
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+from spikeatconv_jax.data import ops  # noqa: E402
+from spikeatconv_jax.data.builders import fashion_mnist  # noqa: E402
+
+# TF only feeds the host: keep it off any accelerator so it neither grabs GPU memory nor
+# competes with JAX for it.
+with contextlib.suppress(RuntimeError):  # Raised when TF already initialised its devices.
+  tf.config.set_visible_devices([], "GPU")
+tf.get_logger().setLevel("ERROR")
+
+PRESETS = {
+  "fashion_mnist_local": dict(
+    train_split="train",
+    eval_split="test",
+    pp_train="decode(1)|pad(2)|random_crop(32, pad=2)|flip_lr|normalize('fashion_mnist')",
+    pp_eval="decode(1)|pad(2)|normalize('fashion_mnist')",
+    shuffle_buffer=60_000,
+    cache=True,
+    num_classes=10,
+    image_size=32,
+  ),
+  "cifar100": dict(
+    train_split="train",
+    eval_split="test",
+    pp_train=("decode|flip_lr|random_rotate(30)|random_shear(10)|normalize('cifar100')"),
+    pp_eval="decode|normalize('cifar100')",
+    shuffle_buffer=50_000,
+    cache=True,
+    num_classes=100,
+    image_size=32,
+  ),
+  "imagenet2012": dict(
+    train_split="train",
+    eval_split="validation",
+    pp_train=(
+      "decode_jpeg_and_inception_crop(224)|flip_lr|autoaugment('imagenet')"
+      "|normalize('imagenet')|random_erase(0.25)"
+    ),
+    # timm eval: shorter side to floor(224 / 0.95) = 235, bicubic, then the central 224.
+    pp_eval="decode|resize_small(235)|central_crop(224)|normalize('imagenet')",
+    shuffle_buffer=10_000,
+    cache=False,
+    num_classes=1000,
+    image_size=224,
+  ),
+}
+
+
+def dataset_config(name: str = "fashion_mnist_local", **overrides) -> ml_collections.ConfigDict:
+  """The ``config.dataset`` ConfigDict for a preset dataset (or any tfds name with overrides).
+
+  Fields: name, data_dir, source_dir, train_split, eval_split, pp_train, pp_eval,
+  shuffle_buffer, cache, num_classes, image_size, prefetch.
+  """
+  base = dict(
+    name=name,
+    data_dir=None,
+    source_dir=fashion_mnist.DEFAULT_SOURCE_DIR if name == "fashion_mnist_local" else None,
+    train_split="train",
+    eval_split="test",
+    pp_train="decode|normalize('imagenet')",
+    pp_eval="decode|normalize('imagenet')",
+    shuffle_buffer=10_000,
+    cache=False,
+    num_classes=-1,
+    image_size=-1,
+    prefetch=2,
+  )
+  base.update(PRESETS.get(name, {}))
+  unknown = set(overrides) - set(base)
+  if unknown:
+    raise ValueError(f"unknown dataset config fields {sorted(unknown)}; known: {sorted(base)}")
+  base.update(overrides)
+  cfg = ml_collections.ConfigDict(base)
+  for field in ("data_dir", "source_dir"):  # Keep them typed as optional strings.
+    if cfg[field] is None:
+      cfg[field] = ml_collections.config_dict.placeholder(str)
+  return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Builders and preparation.
+# ----------------------------------------------------------------------------------------------
+
+
+def _data_dir(cfg) -> str | None:
+  data_dir = cfg.get("data_dir")
+  return os.path.expanduser(data_dir) if data_dir else None
+
+
+def prepare(cfg) -> tfds.core.DatasetBuilder:
+  """Prepares `cfg.name` from local files only (``cfg.source_dir`` as manual_dir).
+
+  Safe when several processes call it at once: preparation runs under an exclusive file lock
+  next to the dataset, and whoever gets the lock second finds the dataset prepared.
+  """
+  builder = tfds.builder(cfg.name, data_dir=_data_dir(cfg))
+  if builder.is_prepared():
+    return builder
+  source_dir = cfg.get("source_dir")
+  if source_dir and not os.path.isdir(os.path.expanduser(source_dir)):
+    if cfg.name == "fashion_mnist_local":
+      raise FileNotFoundError(fashion_mnist.missing_source_message(source_dir))
+    raise FileNotFoundError(f"dataset.source_dir {source_dir!r} (manual_dir) does not exist")
+  root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))  # .../<name>/<version>
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, f".{cfg.name}.prepare.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      builder = tfds.builder(cfg.name, data_dir=_data_dir(cfg))  # Re-read: another may have won.
+      if not builder.is_prepared():
+        tfds.display_progress_bar(False)
+        builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+            manual_dir=os.path.expanduser(source_dir) if source_dir else None,
+            try_download_gcs=False,
+          )
+        )
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+  return tfds.builder(cfg.name, data_dir=_data_dir(cfg))
+
+
+def get_builder(cfg) -> tfds.core.DatasetBuilder:
+  """The prepared builder; prepares `fashion_mnist_local` on first use, never downloads."""
+  if cfg.name == "fashion_mnist_local":
+    return prepare(cfg)
+  try:
+    builder = tfds.builder(cfg.name, data_dir=_data_dir(cfg))
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"unknown tfds dataset {cfg.name!r}: {e}") from None
+  if not builder.is_prepared():
+    where = _data_dir(cfg) or "the default tfds data_dir (~/tensorflow_datasets)"
+    if cfg.name == "imagenet2012":
+      how = (
+        "put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in a directory and run "
+        '`python -c "from spikeatconv_jax.data import pipeline as p; p.prepare('
+        "p.dataset_config('imagenet2012', data_dir=DATA_DIR, source_dir=TAR_DIR))\"` "
+        "(see docs/DATA.md)"
+      )
+    else:
+      how = (
+        f"prepare it once with `tfds build {cfg.name} --data_dir <dir>` on a machine with "
+        "network access (or from manual files with pipeline.prepare) and copy the directory"
+      )
+    raise FileNotFoundError(
+      f"tfds dataset {cfg.name!r} is not prepared in {where}; this pipeline never downloads: {how}."
+    )
+  return builder
+
+
+def num_examples(cfg, split: str) -> int:
+  """Number of examples of `split` (tfds split syntax, e.g. "train[:16]", allowed)."""
+  return int(get_builder(cfg).info.splits[split].num_examples)
+
+
+def _read(builder, split) -> tf.data.Dataset:
+  """The split's records in a fixed order, images left encoded (decoded by the pp ops)."""
+  decoders = {
+    k: tfds.decode.SkipDecoding()
+    for k, f in builder.info.features.items()
+    if isinstance(f, tfds.features.Image)
+  }
+  ds = builder.as_dataset(
+    split=split,
+    shuffle_files=False,
+    decoders=decoders or None,
+    read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False),
+  )
+  return ds.map(lambda ex: {k: ex[k] for k in ("image", "label")})
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+def _process_split(split: str, process_index: int, process_count: int) -> str:
+  return tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+
+
+def _check_batch(global_batch_size: int, process_count: int, sharding=None) -> int:
+  """Per-process batch size, with clear errors for sizes that do not divide."""
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+      f"global batch {global_batch_size} does not divide over {process_count} processes"
+    )
+  local = global_batch_size // process_count
+  if sharding is not None:
+    try:
+      shard = sharding.shard_shape((global_batch_size,))[0]
+    except ValueError as e:
+      raise ValueError(
+        f"global batch {global_batch_size} does not divide over the sharding's batch shards: {e}"
+      ) from None
+    if local % shard:
+      raise ValueError(
+        f"per-process batch {local} is not a multiple of the per-device batch {shard}; the "
+        "local devices cannot split it evenly"
+      )
+  return local
+
+
+def _key(*ints) -> tf.Tensor:
+  """An int64 [2] stateless seed derived from a sequence of integers (tensors allowed)."""
+  key = tf.constant([0x5EED, 0], tf.int64)
+  for i in ints:
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(i, tf.int64))
+  return key
+
+
+def _prep_fn(pp: str, keep_mask: bool = False):
+  pp_fn = ops.get_preprocess_fn(pp)
+
+  def prep(key, example):
+    out = pp_fn(ops.with_rng(example, key))
+    result = {"image": tf.cast(out["image"], tf.float32), "label": tf.cast(out["label"], tf.int32)}
+    if keep_mask:
+      result["mask"] = tf.constant(1.0, tf.float32)
+    return result
+
+  return prep
+
+
+def train_dataset(
+  cfg,
+  *,
+  batch_size: int,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  split: str | None = None,
+) -> tf.data.Dataset:
+  """The per-process training tf.data.Dataset (batches of `batch_size` = per-process batch)."""
+  builder = get_builder(cfg)
+  sub = _process_split(split or cfg.train_split, process_index, process_count)
+  n = int(builder.info.splits[sub].num_examples)
+  if n == 0:
+    raise ValueError(f"process {process_index} got no training examples of {sub!r}")
+  base = _read(builder, sub)
+  if cfg.get("cache", False):
+    base = base.cache()
+  base = base.enumerate()  # (example number within the epoch order, example)
+  buffer = int(cfg.get("shuffle_buffer", 0) or 0)
+
+  def epoch(e):
+    ds = base
+    if buffer > 1:
+      shuffle_seed = tf.random.stateless_uniform(
+        [], _key(seed, process_index, e, -1), minval=None, maxval=None, dtype=tf.int64
+      )
+      ds = ds.shuffle(min(buffer, n), seed=shuffle_seed, reshuffle_each_iteration=False)
+    return ds.map(lambda i, ex: (_key(seed, process_index, e, i), ex))
+
+  skip = start_step * batch_size
+  ds = tf.data.Dataset.range(skip // n, np.iinfo(np.int64).max).flat_map(epoch)
+  ds = ds.skip(skip % n)
+  ds = ds.map(_prep_fn(cfg.pp_train), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.prefetch(cfg.get("prefetch", 2) or tf.data.AUTOTUNE)
+  return ds.with_options(_options())
+
+
+def eval_dataset(
+  cfg, *, split: str, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> tf.data.Dataset:
+  """The per-process eval dataset: every example of the shard once, then masked padding.
+
+  Every process yields the same number of batches (that of the largest shard), so collective
+  eval steps never wait on a process that ran out of data.
+  """
+  builder = get_builder(cfg)
+  subs = tfds.even_splits(split, n=process_count, drop_remainder=False)
+  counts = [int(builder.info.splits[s].num_examples) for s in subs]
+  num_batches = max(math.ceil(c / batch_size) for c in counts)
+  ds = _read(builder, subs[process_index]).enumerate()
+  ds = ds.map(lambda i, ex: (_key(0, process_index, i), ex))
+  ds = ds.map(_prep_fn(cfg.pp_eval, keep_mask=True), num_parallel_calls=tf.data.AUTOTUNE)
+  spec = ds.element_spec
+  if not all(s.shape.is_fully_defined() for s in spec.values()):
+    raise ValueError(
+      f"pp_eval {cfg.pp_eval!r} must give fixed shapes to pad the last batch; got {spec}"
+    )
+  padding = {k: tf.zeros(s.shape, s.dtype) for k, s in spec.items()}  # mask = 0
+  num_pad = num_batches * batch_size - counts[process_index]
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_pad))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.prefetch(cfg.get("prefetch", 2) or tf.data.AUTOTUNE)
+  return ds.with_options(_options())
+
+
+# ----------------------------------------------------------------------------------------------
+# Global jax.Arrays.
+# ----------------------------------------------------------------------------------------------
+
+
+def _batch_sharding(sharding, ndim: int):
+  """`sharding` restricted to the leading (batch) axis for an array of rank `ndim`."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec)[:1]
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+  return sharding
+
+
+def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  return {
+    k: jax.make_array_from_process_local_data(_batch_sharding(sharding, v.ndim), v)
+    for k, v in batch.items()
+  }
+
+
+def train_iterator(
+  dataset_cfg, *, global_batch_size: int, sharding, seed: int, start_step: int = 0
+) -> Iterator[dict[str, jax.Array]]:
+  """Infinite iterator of global training batches; step N's batch only depends on (seed, N)."""
+  local = _check_batch(global_batch_size, jax.process_count(), sharding)
+  ds = train_dataset(
+    dataset_cfg,
+    batch_size=local,
+    seed=seed,
+    start_step=start_step,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  for batch in tfds.as_numpy(ds):
+    yield _to_global(batch, sharding)
+
+
+def eval_iterator(
+  dataset_cfg, *, split: str, global_batch_size: int, sharding
+) -> Iterator[dict[str, jax.Array]]:
+  """One pass over `split`: global batches with "image", "label" and "mask" (0 = padding)."""
+  local = _check_batch(global_batch_size, jax.process_count(), sharding)
+  ds = eval_dataset(
+    dataset_cfg,
+    split=split,
+    batch_size=local,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  for batch in tfds.as_numpy(ds):
+    yield _to_global(batch, sharding)
