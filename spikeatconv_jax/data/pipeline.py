@@ -316,13 +316,14 @@ def eval_dataset(
   num_batches = max(math.ceil(c / batch_size) for c in counts)
   ds = _read(builder, subs[process_index]).enumerate()
   ds = ds.map(lambda i, ex: (_key(0, process_index, i), ex))
-  ds = ds.map(_prep_fn(cfg.pp_eval, keep_mask=True), num_parallel_calls=tf.data.AUTOTUNE)
-  spec = ds.element_spec
-  if not all(s.shape.is_fully_defined() for s in spec.values()):
-    raise ValueError(
-      f"pp_eval {cfg.pp_eval!r} must give fixed shapes to pad the last batch; got {spec}"
-    )
-  padding = {k: tf.zeros(s.shape, s.dtype) for k, s in spec.items()}  # mask = 0
+  prep = _prep_fn(cfg.pp_eval, keep_mask=True)
+  # Decoded images have dynamic shapes; the padding needs the static output shape, which we
+  # take from the first example of the split (every process sees the same one).
+  first = _read(builder, split).take(1).map(lambda ex: prep(_key(0, 0, 0), ex))
+  shapes = {k: tuple(v.shape) for k, v in next(iter(first)).items()}
+  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(lambda ex: {k: tf.ensure_shape(v, shapes[k]) for k, v in ex.items()})
+  padding = {k: tf.zeros(s.shape, s.dtype) for k, s in ds.element_spec.items()}  # mask = 0
   num_pad = num_batches * batch_size - counts[process_index]
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_pad))
   ds = ds.batch(batch_size, drop_remainder=True)
