@@ -1,0 +1,112 @@
+"""AdamW with linear warmup and cosine decay, a weight-decay mask and global-norm clipping.
+
+The recipe of DESIGN.md §9: AdamW(b1, b2, eps), the learning rate rising linearly from
+`warmup_init_lr` to `lr` over `warmup_epochs`, then following a cosine down to `min_lr` at the
+last step; weight decay (decoupled, scaled by the learning rate as in PyTorch's AdamW) skips
+biases, norm parameters, layer scales and relative-position tables when
+`weight_decay_exclude` is set (MaxViT's `weight_decay_exclude`); the gradient is clipped to a
+global L2 norm of `grad_clip` when that is set (timm `--clip-mode norm`).
+
+Gradient accumulation is not an optax wrapper here: `train/step.py` splits the global batch
+into `grad_accum_steps` micro-batches inside one jitted step and averages their gradients, so
+one train step is always one optimizer update and one global batch of data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import ml_collections
+import optax
+
+# Leaf names that never get weight decay when `weight_decay_exclude` is on: biases, the
+# scale of LayerNorm/BatchNorm, layer scales. Relative-position tables are matched by
+# `_REL_POS` on any path component, since their names vary by author.
+_NO_DECAY_LEAVES = frozenset({"bias", "scale", "gamma", "beta"})
+_REL_POS = re.compile(r"rel(ative)?_?(pos|position|bias)|relative", re.IGNORECASE)
+
+
+def decays(path: tuple[str, ...]) -> bool:
+  """Whether the parameter at `path` (its names from the root) gets weight decay."""
+  if path[-1] in _NO_DECAY_LEAVES:
+    return False
+  return not any(_REL_POS.search(name) for name in path)
+
+
+def weight_decay_mask(params: Any, exclude: bool = True) -> Any:
+  """A pytree of bools like `params`: True where weight decay applies.
+
+  Args:
+    params: the "params" collection (nested dicts; abstract shapes are fine).
+    exclude: False applies decay to every parameter (the CIFAR recipe of DESIGN.md §9).
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  mask = {path: (decays(path) if exclude else True) for path in flat}
+  return flax.traverse_util.unflatten_dict(mask)
+
+
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """Number of linear-warmup steps: `warmup_epochs` worth of steps, rounded."""
+  return int(round(config.warmup_epochs * steps_per_epoch))
+
+
+def make_schedule(
+  config: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int
+) -> optax.Schedule:
+  """Linear warmup `warmup_init_lr -> lr`, then cosine `lr -> min_lr` at `total_steps`.
+
+  lr(0) = warmup_init_lr, lr(warmup) = lr, lr(total_steps) = min_lr.
+
+  Raises:
+    ValueError: when the warmup does not fit before the last step, or a rate is negative.
+  """
+  if total_steps < 1:
+    raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+  warm = warmup_steps(config, steps_per_epoch)
+  if warm >= total_steps:
+    raise ValueError(
+      f"warmup_epochs={config.warmup_epochs} is {warm} steps, not fewer than the "
+      f"{total_steps} training steps; lower warmup_epochs"
+    )
+  for name in ("lr", "warmup_init_lr", "min_lr"):
+    if not config[name] >= 0:  # also catches NaN
+      raise ValueError(f"config.{name} must be >= 0, got {config[name]}")
+  return optax.warmup_cosine_decay_schedule(
+    init_value=config.warmup_init_lr,
+    peak_value=config.lr,
+    warmup_steps=warm,
+    decay_steps=total_steps,  # optax counts the warmup inside decay_steps
+    end_value=config.min_lr,
+  )
+
+
+def make_optimizer(
+  config: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int
+) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
+  """The optax chain of the config: [clip_by_global_norm] -> adamw(schedule, mask).
+
+  Returns:
+    (tx, schedule): the transformation and the learning-rate schedule (step -> lr), the
+    latter for logging.
+  """
+  schedule = make_schedule(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  exclude = bool(config.weight_decay_exclude)
+  parts = []
+  if config.grad_clip is not None:
+    if not config.grad_clip > 0:
+      raise ValueError(f"config.grad_clip must be > 0 or None, got {config.grad_clip}")
+    parts.append(optax.clip_by_global_norm(config.grad_clip))
+  parts.append(
+    optax.adamw(
+      learning_rate=schedule,
+      b1=config.adam_b1,
+      b2=config.adam_b2,
+      eps=config.adam_eps,
+      weight_decay=config.weight_decay,
+      mask=lambda params: weight_decay_mask(params, exclude),
+    )
+  )
+  return optax.chain(*parts), schedule
