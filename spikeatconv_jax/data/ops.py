@@ -289,13 +289,13 @@ def shear_x_matrix(image, shear):
   return tf.stack([one, shear, -shear * cy, zero, one, zero])
 
 
-def random_rotate(image, seed, max_degrees: float, fill=0, interpolation="BILINEAR"):
+def random_rotate(image, seed, max_degrees: float, fill=0, interpolation="NEAREST"):
   """Rotates by an angle drawn uniformly from [-max_degrees, max_degrees]."""
   angle = _uniform(seed, minval=-max_degrees, maxval=max_degrees)
   return affine(image, rotation_matrix(image, angle), fill, interpolation)
 
 
-def random_shear(image, seed, max_degrees: float, fill=0, interpolation="BILINEAR"):
+def random_shear(image, seed, max_degrees: float, fill=0, interpolation="NEAREST"):
   """Horizontal shear by an angle uniform in [-max_degrees, max_degrees] (torchvision style)."""
   angle = _uniform(seed, minval=-max_degrees, maxval=max_degrees)
   shear = tf.tan(angle * (math.pi / 180.0))

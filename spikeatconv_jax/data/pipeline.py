@@ -29,16 +29,18 @@ import math
 import os
 from collections.abc import Iterator
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
+# Importing autoaugment registers the "autoaugment" op. (TF_CPP_MIN_LOG_LEVEL is set in
+# spikeatconv_jax/data/__init__.py, before TensorFlow is imported.)
+from spikeatconv_jax.data import autoaugment, ops
+from spikeatconv_jax.data.builders import fashion_mnist
 
-from spikeatconv_jax.data import ops  # noqa: E402
-from spikeatconv_jax.data.builders import fashion_mnist  # noqa: E402
+del autoaugment
 
 # TF only feeds the host: keep it off any accelerator so it neither grabs GPU memory nor
 # competes with JAX for it.
