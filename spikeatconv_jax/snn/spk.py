@@ -4,7 +4,7 @@ All kinds take a real input of shape [T, B, ..., C] (DCL and the MBPL `dwconv`/`
 merges need the spatial layout [T, B, H, W, C]) and return the same shape in the input dtype.
 
   sl    Y = LIF_θ(X)                                   binary
-  rl    S1 = LIF_θ1(X); S2 = LIF_θ2(X + S1); Y = S1+S2 integer {0,1,2}  (rl_mode='literal': LIF_θ2(S1))
+  rl    S1 = LIF_θ1(X); S2 = LIF_θ2(X + S1); Y = S1+S2 in {0,1,2}  (rl_mode='literal': LIF_θ2(S1))
   mbpl  S_k = LIF_θk(X); Y = Σ S_k + γ·LN(Σ_k DW7_k(S_k))   merge 'dwconv' (spec), 'sum', 'convnext'
   hsl   Y = concat(LIF_θ1(X[..., :C/2]), LIF_θ2(X[..., C/2:]))
   dcl   Y = concat(LIF(Conv3x3(X)), LIF(Conv5x5(X))), each C -> C/2, bias; optional BN
@@ -40,6 +40,9 @@ DEFAULT_THRESHOLDS = {
 }
 RL_MODES = ("cascade", "literal")
 MBPL_MERGES = ("dwconv", "sum", "convnext")
+NONE_ACTS = ("identity", "gelu")
+# How many thresholds (LIF branches) each kind takes; None: any number >= 1 (MBPL's K).
+N_THRESHOLDS = {"sl": 1, "rl": 2, "mbpl": None, "hsl": 2, "dcl": 2}
 
 
 def check_spk_kind(kind: str) -> None:
@@ -82,6 +85,13 @@ class SPK(nn.Module):
 
   def _thresholds(self) -> tuple[float, ...]:
     th = tuple(self.thresholds) or DEFAULT_THRESHOLDS[self.kind]
+    # A wrong count (e.g. MBPL's four thresholds left in a config switched to SL) would
+    # otherwise be silently truncated or fail with an IndexError deep inside the block.
+    n = N_THRESHOLDS[self.kind]
+    if (n is None and not th) or (n is not None and len(th) != n):
+      raise ValueError(
+        f"SPK kind {self.kind!r} takes {n or 'one or more'} thresholds, got {tuple(th)}"
+      )
     return tuple(float(t) * self.threshold_scale for t in th)
 
   def _lif(self, x, v_threshold):
@@ -107,6 +117,8 @@ class SPK(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     check_spk_kind(self.kind)
     if self.kind == "none":
+      if self.none_act not in NONE_ACTS:
+        raise ValueError(f"unknown none_act {self.none_act!r}; known: {', '.join(NONE_ACTS)}")
       return nn.gelu(x, approximate=False) if self.none_act == "gelu" else x
     th = self._thresholds()
     dtype = x.dtype
