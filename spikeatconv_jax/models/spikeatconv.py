@@ -1,0 +1,129 @@
+"""SpikeAtConv (DESIGN.md §5-§7): spiking ConvNeXt + spike-driven grid attention, MaxxViT-V2 style.
+
+Images [B, H, W, 3] are repeated over T (direct encoding); the stem emits spikes [T, B, H/2,
+W/2, C0]; four stages of blocks (ConvNeXt branch, optional window attention + FFN, grid attention
++ FFN) downsample by 2 at each stage entry; the head is GAP -> LN -> Linear per step, and the
+logits are the mean over T (float32).
+
+`spk.kind='none'` with `attention.kind='softmax'` is the spike-free MaxxViT-V2-style ANN.
+
+Module paths (and so sown spike paths and parameter names) are "stem/...",
+"stage{s}/block{b}/{conv,block_attn,block_ffn,grid_attn,grid_ffn}/...", "head_ln", "head";
+they do not change with `model.remat`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from spikeatconv_jax.layers import common
+from spikeatconv_jax.layers.attention import FFN, Attention
+from spikeatconv_jax.layers.convnext import ConvBranch, Stem
+
+# name -> (dims, depths, stem widths, default drop_path). heads = dim / head_dim.
+VARIANTS = {
+  "nano": dict(dims=(32, 64, 128, 256), depths=(1, 1, 1, 1), stem=(16, 32), drop_path=0.0),
+  "tiny": dict(dims=(64, 128, 256, 512), depths=(1, 3, 6, 1), stem=(32, 64), drop_path=0.1),
+  "base": dict(dims=(128, 256, 512, 1024), depths=(2, 6, 12, 2), stem=(64, 128), drop_path=0.3),
+  "large": dict(dims=(160, 320, 640, 1280), depths=(2, 6, 16, 2), stem=(80, 160), drop_path=0.4),
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def stage_map_sizes(image_size: int) -> list[int]:
+  """Stage feature-map sizes: stem stride 2, then stride 2 at every stage entry (SAME, ceil)."""
+  s = -(-image_size // 2)
+  out = []
+  for _ in range(4):
+    s = -(-s // 2)
+    out.append(s)
+  return out
+
+
+class SpikeAtConvBlock(nn.Module):
+  """ConvNeXt branch, optional window attention + FFN, grid attention + FFN."""
+
+  width: int
+  stride: int
+  cfg: Any  # model ConfigDict
+  drop_path: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    spk, att = self.cfg.spk, self.cfg.attention
+    kw = dict(drop_path=self.drop_path, dtype=self.dtype)
+    x = ConvBranch(self.width, self.stride, spk, name="conv", **kw)(x, train=train)
+    units = ("block", "grid") if att.block_attention else ("grid",)
+    for part in units:
+      x = Attention(
+        att.kind,
+        part,
+        att.partition,
+        att.head_dim,
+        float(att.scale),
+        spk,
+        name=f"{part}_attn",
+        **kw,
+      )(x, train=train)
+      x = FFN(spk, name=f"{part}_ffn", **kw)(x, train=train)
+    return x
+
+
+class Stage(nn.Module):
+  """`depth` blocks; the first has stride 2 (and changes the width)."""
+
+  width: int
+  depth: int
+  cfg: Any
+  drop_paths: tuple[float, ...]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    block_cls = SpikeAtConvBlock
+    if self.cfg.get("remat", False):
+      # static_argnums counts self: `train` (argument 2) must stay a Python bool.
+      block_cls = nn.remat(SpikeAtConvBlock, static_argnums=(2,))
+    for b in range(self.depth):
+      x = block_cls(
+        self.width,
+        2 if b == 0 else 1,
+        self.cfg,
+        self.drop_paths[b],
+        dtype=self.dtype,
+        name=f"block{b}",  # explicit: nn.remat would otherwise rename the module
+      )(x, train)
+    return x
+
+
+class SpikeAtConv(nn.Module):
+  """The full classifier; `cfg` is the `config.model` ConfigDict (DESIGN.md §13)."""
+
+  cfg: Any
+
+  ENERGY_SOURCES: ClassVar[dict[str, str]] = {"head": common.SRC_REAL}
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    cfg = self.cfg
+    v = VARIANTS[cfg.variant]
+    dtype = DTYPES[cfg.get("dtype", "float32")]
+    t = int(cfg.timesteps)
+    rate = cfg.drop_path if cfg.get("drop_path", None) is not None else v["drop_path"]
+    rates = common.drop_path_rates(float(rate), v["depths"])
+
+    x = Stem(
+      tuple(v["stem"]), t, cfg.spk, stem_act=cfg.get("stem_act", "gelu"), dtype=dtype, name="stem"
+    )(images, train=train)  # [T, B, H/2, W/2, C0]
+    for s, (width, depth) in enumerate(zip(v["dims"], v["depths"], strict=True)):
+      x = Stage(width, depth, cfg, tuple(rates[s]), dtype=dtype, name=f"stage{s}")(x, train)
+    x = jnp.mean(x, axis=(2, 3))  # GAP: [T, B, C]
+    x = common.layer_norm(dtype=dtype, name="head_ln")(x)
+    logits = common.dense(cfg.num_classes, use_bias=True, dtype=dtype, name="head")(x)
+    return jnp.mean(logits.astype(jnp.float32), axis=0)  # [B, classes]
