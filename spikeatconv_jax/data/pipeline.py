@@ -169,7 +169,7 @@ def get_builder(cfg) -> tfds.core.DatasetBuilder:
     builder = tfds.builder(cfg.name, data_dir=_data_dir(cfg))
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f"unknown tfds dataset {cfg.name!r}: {e}") from None
-  if not builder.is_prepared():
+  if not builder.is_prepared() and not _readable(builder, cfg.train_split):
     where = _data_dir(cfg) or "the default tfds data_dir (~/tensorflow_datasets)"
     if cfg.name == "imagenet2012":
       how = (
@@ -189,9 +189,28 @@ def get_builder(cfg) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def _readable(builder, split: str) -> bool:
+  """Whether as_dataset works although the builder is not prepared (tfds.testing.mock_data)."""
+  try:
+    builder.as_dataset(split=split)
+  except (AssertionError, ValueError, FileNotFoundError):
+    return False
+  return True
+
+
+def _split_size(builder, split: str) -> int:
+  try:
+    return int(builder.info.splits[split].num_examples)
+  except KeyError:
+    # Mocked datasets (tfds.testing.mock_data) have no split metadata; count the elements.
+    ds = builder.as_dataset(split=split)
+    n = int(ds.cardinality())
+    return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1))
+
+
 def num_examples(cfg, split: str) -> int:
   """Number of examples of `split` (tfds split syntax, e.g. "train[:16]", allowed)."""
-  return int(get_builder(cfg).info.splits[split].num_examples)
+  return _split_size(get_builder(cfg), split)
 
 
 def _read(builder, split) -> tf.data.Dataset:
@@ -277,7 +296,7 @@ def train_dataset(
   """The per-process training tf.data.Dataset (batches of `batch_size` = per-process batch)."""
   builder = get_builder(cfg)
   sub = _process_split(split or cfg.train_split, process_index, process_count)
-  n = int(builder.info.splits[sub].num_examples)
+  n = _split_size(builder, sub)
   if n == 0:
     raise ValueError(f"process {process_index} got no training examples of {sub!r}")
   base = _read(builder, sub)
@@ -314,7 +333,7 @@ def eval_dataset(
   """
   builder = get_builder(cfg)
   subs = tfds.even_splits(split, n=process_count, drop_remainder=False)
-  counts = [int(builder.info.splits[s].num_examples) for s in subs]
+  counts = [_split_size(builder, s) for s in subs]
   num_batches = max(math.ceil(c / batch_size) for c in counts)
   ds = _read(builder, subs[process_index]).enumerate()
   ds = ds.map(lambda i, ex: (_key(0, process_index, i), ex))
