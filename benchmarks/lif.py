@@ -1,0 +1,187 @@
+"""Multi-step LIF throughput: forward and forward+backward, next to memory copy bandwidth.
+
+  .venv/bin/python benchmarks/lif.py                      # [T, 32, 32, 32, 64], T = 1, 2, 4
+  MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 .venv/bin/python benchmarks/lif.py
+
+Each case is jitted, warmed up, then timed `--repeats` times; the median is reported.
+
+  fwd      x -> s                                  bytes: read x, write s
+  fwd+bwd  (x, g) -> (s, gx) through jax.vjp        bytes: read x, write s, read H (f32), read g,
+                                                     write gx
+Effective GB/s divides those bytes by the median time (the count follows the op's contract; XLA
+may fuse the forward into the backward and move less). Elements/s counts T*B*H*W*C per call.
+
+Copy bandwidth is measured in the same run in two ways, both counting read + write:
+  numpy    np.copyto between two preallocated 256 MiB float32 buffers (one thread, no allocation)
+  xla      a jitted `x * 2` over an input as large as the T=4 float32 LIF input (XLA's own threads
+           and output allocation, i.e. the same allocator path as the LIF)
+
+Glibc malloc returns blocks of >= 32 MiB to the OS with munmap, so every call may page-fault its
+output afresh; the MALLOC_* environment variables in effect are printed with the results.
+
+Prints a readable table and then ONE JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spikeatconv_jax.snn.lif import lif_multistep  # noqa: E402
+
+# SpikingJelly MultiStepLIFNode (torch backend) on this CPU, same shape, fwd+bwd at T=4
+# (issue 2); benchmarks/lif_vs_spikingjelly.py measures it directly.
+SPIKINGJELLY_FWD_BWD_T4 = (45e6, 67e6)
+
+
+def _median_seconds(fn, args, repeats: int, warmup: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def copy_bandwidth_numpy(nbytes: int = 256 << 20, repeats: int = 10) -> float:
+  """GB/s of np.copyto between preallocated buffers, counting read + write."""
+  src = np.ones(nbytes // 4, np.float32)
+  dst = np.empty_like(src)
+  np.copyto(dst, src)  # fault the pages in
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    times.append(time.perf_counter() - t0)
+  return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def copy_bandwidth_xla(n: int, repeats: int, warmup: int) -> float:
+  """GB/s of a jitted elementwise `x * 2` on n float32 values, counting read + write."""
+  x = jnp.ones((n,), jnp.float32)
+  f = jax.jit(lambda x: x * 2.0)
+  return 2 * n * 4 / _median_seconds(f, (x,), repeats, warmup) / 1e9
+
+
+def bench_case(t: int, shape: tuple[int, ...], dtype, repeats: int, warmup: int) -> list[dict]:
+  kx, kg = jax.random.split(jax.random.key(t))
+  # Mean 1, std 1.5: a realistic mix of firing and silent neurons (the cost does not depend on it).
+  x = (1.0 + 1.5 * jax.random.normal(kx, (t, *shape), jnp.float32)).astype(dtype)
+  g = jax.random.normal(kg, (t, *shape), jnp.float32).astype(dtype)
+  n = x.size
+  b = jnp.dtype(dtype).itemsize
+
+  fwd = jax.jit(lif_multistep)
+
+  def fwd_bwd(x, g):
+    s, vjp = jax.vjp(lif_multistep, x)
+    return s, vjp(g)[0]
+
+  fwd_bwd = jax.jit(fwd_bwd)
+  rows = []
+  for mode, fn, args, nbytes in (
+    ("fwd", fwd, (x,), n * (b + b)),
+    ("fwd+bwd", fwd_bwd, (x, g), n * (b + b + 4 + b + b)),
+  ):
+    sec = _median_seconds(fn, args, repeats, warmup)
+    rows.append(
+      dict(
+        T=t,
+        dtype=jnp.dtype(dtype).name,
+        mode=mode,
+        ms=sec * 1e3,
+        elements_per_s=n / sec,
+        gb_per_s=nbytes / sec / 1e9,
+        bytes=nbytes,
+      )
+    )
+  return rows
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--timesteps", default="1,2,4")
+  ap.add_argument("--dtypes", default="float32,bfloat16")
+  ap.add_argument("--shape", default="32,32,32,64", help="B,H,W,C")
+  ap.add_argument("--repeats", type=int, default=20)
+  ap.add_argument("--warmup", type=int, default=3)
+  args = ap.parse_args(argv)
+  shape = tuple(int(s) for s in args.shape.split(","))
+  ts = [int(t) for t in args.timesteps.split(",")]
+  dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
+
+  copy_np = copy_bandwidth_numpy()
+  copy_xla = copy_bandwidth_xla(4 * int(np.prod(shape)), args.repeats, args.warmup)
+  rows = []
+  for dtype in dtypes:
+    for t in ts:
+      rows.extend(bench_case(t, shape, dtype, args.repeats, args.warmup))
+  # Re-measure the copy at the end too: the machine is shared, so report the larger.
+  copy_np = max(copy_np, copy_bandwidth_numpy())
+  for r in rows:
+    r["frac_copy_numpy"] = r["gb_per_s"] / copy_np
+    r["frac_copy_xla"] = r["gb_per_s"] / copy_xla
+
+  malloc_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
+  print(
+    f"LIF multi-step, [T, {', '.join(map(str, shape))}], median of {args.repeats} after "
+    f"{args.warmup} warm-up; jax {jax.__version__}, {jax.devices()[0].platform}, "
+    f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+  )
+  print(f"malloc env: {malloc_env or 'glibc defaults'}")
+  print(
+    f"copy bandwidth (read+write): numpy copyto {copy_np:.2f} GB/s, XLA x*2 {copy_xla:.2f} GB/s"
+  )
+  hdr = (
+    f"{'dtype':>9} {'T':>2} {'mode':>8} {'ms':>8} {'Melem/s':>9} {'GB/s':>7} "
+    f"{'%copy(np)':>9} {'%copy(xla)':>10}"
+  )
+  print(hdr)
+  print("-" * len(hdr))
+  for r in rows:
+    print(
+      f"{r['dtype']:>9} {r['T']:>2} {r['mode']:>8} {r['ms']:8.2f} "
+      f"{r['elements_per_s'] / 1e6:9.1f} {r['gb_per_s']:7.2f} "
+      f"{100 * r['frac_copy_numpy']:8.1f}% {100 * r['frac_copy_xla']:9.1f}%"
+    )
+  t4 = [r for r in rows if r["T"] == 4 and r["mode"] == "fwd+bwd"]
+  for r in t4:
+    lo, hi = (r["elements_per_s"] / s for s in SPIKINGJELLY_FWD_BWD_T4[::-1])
+    print(
+      f"T=4 fwd+bwd {r['dtype']}: {lo:.1f}-{hi:.1f}x SpikingJelly's quoted "
+      f"{SPIKINGJELLY_FWD_BWD_T4[0] / 1e6:.0f}-{SPIKINGJELLY_FWD_BWD_T4[1] / 1e6:.0f} "
+      "M elem/s (target >= 3x)"
+    )
+  print(
+    json.dumps(
+      dict(
+        benchmark="lif",
+        shape=[None, *shape],
+        repeats=args.repeats,
+        warmup=args.warmup,
+        jax=jax.__version__,
+        cpus=os.cpu_count(),
+        malloc_env=malloc_env,
+        copy_gb_per_s_numpy=copy_np,
+        copy_gb_per_s_xla=copy_xla,
+        results=rows,
+      )
+    )
+  )
+
+
+if __name__ == "__main__":
+  main()
