@@ -11,10 +11,13 @@ Each case is jitted, warmed up, then timed `--repeats` times; the median is repo
 Effective GB/s divides those bytes by the median time (the count follows the op's contract; XLA
 may fuse the forward into the backward and move less). Elements/s counts T*B*H*W*C per call.
 
-Copy bandwidth is measured in the same run in two ways, both counting read + write:
-  numpy    np.copyto between two preallocated 256 MiB float32 buffers (one thread, no allocation)
+Copy bandwidth is measured in the same run, interleaved call by call with each case (the
+machine is shared, so each row's %copy compares timings taken under the same load), two ways,
+both counting read + write:
+  numpy    np.copyto between two preallocated 128 MiB float32 buffers (one thread, no allocation)
   xla      a jitted `x * 2` over an input as large as the T=4 float32 LIF input (XLA's own threads
            and output allocation, i.e. the same allocator path as the LIF)
+Columns: median and minimum wall time, median process CPU time (all threads) per call.
 
 Glibc malloc returns blocks of >= 32 MiB to the OS with munmap, so every call may page-fault its
 output afresh; the MALLOC_* environment variables in effect are printed with the results.
@@ -45,38 +48,39 @@ from spikeatconv_jax.snn.lif import lif_multistep  # noqa: E402
 SPIKINGJELLY_FWD_BWD_T4 = (45e6, 67e6)
 
 
-def _median_seconds(fn, args, repeats: int, warmup: int) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+class _Copies:
+  """The two copy-bandwidth probes; each call moves `nbytes` (read + write counted)."""
+
+  def __init__(self, n_xla: int, numpy_bytes: int = 128 << 20):
+    self.src = np.ones(numpy_bytes // 4, np.float32)
+    self.dst = np.empty_like(self.src)
+    np.copyto(self.dst, self.src)  # fault the destination pages in once
+    self.x = jnp.ones((n_xla,), jnp.float32)
+    self.scale = jax.jit(lambda x: x * 2.0)
+    jax.block_until_ready(self.scale(self.x))
+    self.numpy_bytes = 2 * numpy_bytes
+    self.xla_bytes = 2 * 4 * n_xla
+
+  def numpy(self):
+    np.copyto(self.dst, self.src)
+
+  def xla(self):
+    jax.block_until_ready(self.scale(self.x))
 
 
-def copy_bandwidth_numpy(nbytes: int = 256 << 20, repeats: int = 10) -> float:
-  """GB/s of np.copyto between preallocated buffers, counting read + write."""
-  src = np.ones(nbytes // 4, np.float32)
-  dst = np.empty_like(src)
-  np.copyto(dst, src)  # fault the pages in
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    np.copyto(dst, src)
-    times.append(time.perf_counter() - t0)
-  return 2 * nbytes / statistics.median(times) / 1e9
+def _timed(fn) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds over all threads) of one call."""
+  c0, t0 = time.process_time(), time.perf_counter()
+  fn()
+  return time.perf_counter() - t0, time.process_time() - c0
 
 
-def copy_bandwidth_xla(n: int, repeats: int, warmup: int) -> float:
-  """GB/s of a jitted elementwise `x * 2` on n float32 values, counting read + write."""
-  x = jnp.ones((n,), jnp.float32)
-  f = jax.jit(lambda x: x * 2.0)
-  return 2 * n * 4 / _median_seconds(f, (x,), repeats, warmup) / 1e9
+def bench_case(t, shape, dtype, copies: _Copies, repeats: int, warmup: int) -> list[dict]:
+  """Times fwd and fwd+bwd at T=t, each interleaved with the two copy probes.
 
-
-def bench_case(t: int, shape: tuple[int, ...], dtype, repeats: int, warmup: int) -> list[dict]:
+  Interleaving makes each row's %copy a ratio under the same machine load: this machine is
+  shared, and a copy measured a minute earlier may have seen a different load.
+  """
   kx, kg = jax.random.split(jax.random.key(t))
   # Mean 1, std 1.5: a realistic mix of firing and silent neurons (the cost does not depend on it).
   x = (1.0 + 1.5 * jax.random.normal(kx, (t, *shape), jnp.float32)).astype(dtype)
@@ -96,16 +100,35 @@ def bench_case(t: int, shape: tuple[int, ...], dtype, repeats: int, warmup: int)
     ("fwd", fwd, (x,), n * (b + b)),
     ("fwd+bwd", fwd_bwd, (x, g), n * (b + b + 4 + b + b)),
   ):
-    sec = _median_seconds(fn, args, repeats, warmup)
+    call = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+    for _ in range(warmup):
+      call()
+    walls, cpus, np_walls, xla_walls = [], [], [], []
+    for _ in range(repeats):
+      w, c = _timed(call)
+      walls.append(w)
+      cpus.append(c)
+      np_walls.append(_timed(copies.numpy)[0])
+      xla_walls.append(_timed(copies.xla)[0])
+    sec = statistics.median(walls)
+    copy_np = copies.numpy_bytes / statistics.median(np_walls) / 1e9
+    copy_xla = copies.xla_bytes / statistics.median(xla_walls) / 1e9
+    gbps = nbytes / sec / 1e9
     rows.append(
       dict(
         T=t,
         dtype=jnp.dtype(dtype).name,
         mode=mode,
         ms=sec * 1e3,
+        ms_min=min(walls) * 1e3,
+        cpu_ms=statistics.median(cpus) * 1e3,
         elements_per_s=n / sec,
-        gb_per_s=nbytes / sec / 1e9,
+        gb_per_s=gbps,
         bytes=nbytes,
+        copy_gb_per_s_numpy=copy_np,
+        copy_gb_per_s_xla=copy_xla,
+        frac_copy_numpy=gbps / copy_np,
+        frac_copy_xla=gbps / copy_xla,
       )
     )
   return rows
@@ -123,17 +146,13 @@ def main(argv=None):
   ts = [int(t) for t in args.timesteps.split(",")]
   dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
 
-  copy_np = copy_bandwidth_numpy()
-  copy_xla = copy_bandwidth_xla(4 * int(np.prod(shape)), args.repeats, args.warmup)
+  copies = _Copies(4 * int(np.prod(shape)))
   rows = []
   for dtype in dtypes:
     for t in ts:
-      rows.extend(bench_case(t, shape, dtype, args.repeats, args.warmup))
-  # Re-measure the copy at the end too: the machine is shared, so report the larger.
-  copy_np = max(copy_np, copy_bandwidth_numpy())
-  for r in rows:
-    r["frac_copy_numpy"] = r["gb_per_s"] / copy_np
-    r["frac_copy_xla"] = r["gb_per_s"] / copy_xla
+      rows.extend(bench_case(t, shape, dtype, copies, args.repeats, args.warmup))
+  copy_np = statistics.median(r["copy_gb_per_s_numpy"] for r in rows)
+  copy_xla = statistics.median(r["copy_gb_per_s_xla"] for r in rows)
 
   malloc_env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
   print(
@@ -143,19 +162,21 @@ def main(argv=None):
   )
   print(f"malloc env: {malloc_env or 'glibc defaults'}")
   print(
-    f"copy bandwidth (read+write): numpy copyto {copy_np:.2f} GB/s, XLA x*2 {copy_xla:.2f} GB/s"
+    f"copy bandwidth (read+write), median over rows: numpy copyto {copy_np:.2f} GB/s, "
+    f"XLA x*2 {copy_xla:.2f} GB/s; each row's %copy uses the copies timed alongside it"
   )
   hdr = (
-    f"{'dtype':>9} {'T':>2} {'mode':>8} {'ms':>8} {'Melem/s':>9} {'GB/s':>7} "
-    f"{'%copy(np)':>9} {'%copy(xla)':>10}"
+    f"{'dtype':>9} {'T':>2} {'mode':>8} {'ms':>8} {'min ms':>8} {'cpu ms':>8} {'Melem/s':>9} "
+    f"{'GB/s':>7} {'copy np':>8} {'%copy(np)':>9} {'%copy(xla)':>10}"
   )
   print(hdr)
   print("-" * len(hdr))
   for r in rows:
     print(
-      f"{r['dtype']:>9} {r['T']:>2} {r['mode']:>8} {r['ms']:8.2f} "
-      f"{r['elements_per_s'] / 1e6:9.1f} {r['gb_per_s']:7.2f} "
-      f"{100 * r['frac_copy_numpy']:8.1f}% {100 * r['frac_copy_xla']:9.1f}%"
+      f"{r['dtype']:>9} {r['T']:>2} {r['mode']:>8} {r['ms']:8.2f} {r['ms_min']:8.2f} "
+      f"{r['cpu_ms']:8.2f} {r['elements_per_s'] / 1e6:9.1f} {r['gb_per_s']:7.2f} "
+      f"{r['copy_gb_per_s_numpy']:8.2f} {100 * r['frac_copy_numpy']:8.1f}% "
+      f"{100 * r['frac_copy_xla']:9.1f}%"
     )
   t4 = [r for r in rows if r["T"] == 4 and r["mode"] == "fwd+bwd"]
   for r in t4:
