@@ -14,13 +14,14 @@ process. On CPU the cross-process collectives use gloo.
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from spikeatconv_jax.train import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/default.py[:arg].", lock_config=True
@@ -42,42 +43,11 @@ flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _cluster_detected() -> bool:
-  if os.environ.get("SLURM_NTASKS", "1") not in ("", "1") and "SLURM_JOB_ID" in os.environ:
-    return True
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return "," in hosts or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
-
-
-def init_distributed(mode: str, coordinator_address, num_processes, process_id) -> None:
-  """Starts jax.distributed when asked to or when the environment is a multi-host one."""
-  import jax
-
-  manual = coordinator_address is not None
-  if mode == "off" or (mode == "auto" and not manual and not _cluster_detected()):
-    return
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    # CPU collectives across processes need gloo (the default has none).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if manual:
-    jax.distributed.initialize(
-      coordinator_address=coordinator_address,
-      num_processes=num_processes,
-      process_id=process_id,
-    )
-  else:
-    jax.distributed.initialize()
-  logging.info(
-    "jax.distributed: process %d of %d, %d local / %d global devices",
-    jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-  )  # fmt: skip
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   FLAGS = flags.FLAGS
-  init_distributed(
+  cli.init_distributed(
     FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   )
   import jax
@@ -101,48 +71,5 @@ def main(argv):
     sys.exit(1)
 
 
-def _one_line(e: BaseException) -> str:
-  """The gist of a flags/config error on one line: its first line, plus the final cause when
-  the message embeds a traceback (config files that raise while being parsed)."""
-  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-  if not lines:
-    return type(e).__name__
-  if len(lines) > 1 and "Traceback" in str(e):
-    return f"{lines[0]} {lines[-1]}"
-  return " ".join(lines).replace("\\n", " ")
-
-
-def _unknown_field(e: BaseException) -> str:
-  # ml_collections raises AttributeError/KeyError("'name'\nDid you mean ...") for an override
-  # of a field the config does not have.
-  text = str(e.args[0]) if e.args else str(e)
-  found = re.search(r"[A-Za-z_][A-Za-z0-9_]*", text)
-  name = found.group(0) if found else text
-  hint = re.search(r"Did you mean [^?]*\?", text)
-  overrides = [a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
-  where = next((o for o in overrides if o.split(".")[-1] == name), f"--config...{name}")
-  return f"unknown config field {where}" + (f" ({hint.group(0)})" if hint else "")
-
-
-def run(main_fn) -> None:
-  """`app.run(main_fn)` with config-flag errors turned into one-line messages.
-
-  A bad `--config.x=...` (unknown field, wrong type) or a config file that rejects its arg is
-  printed as one line naming the field, and the process exits 1 before jax is imported.
-  """
-  try:
-    argv = flags.FLAGS(sys.argv)
-  except flags.Error as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
-    sys.exit(1)
-  except (AttributeError, KeyError) as e:
-    print(f"error: {_unknown_field(e)}", file=sys.stderr, flush=True)
-    sys.exit(1)
-  except (ValueError, TypeError) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
-    sys.exit(1)
-  app.run(main_fn, argv=argv)
-
-
 if __name__ == "__main__":
-  run(main)
+  cli.run(main)

@@ -23,15 +23,16 @@ import ml_collections
 import optax
 
 # Leaf names that never get weight decay when `weight_decay_exclude` is on: biases, the
-# scale of LayerNorm/BatchNorm, layer scales. Relative-position tables are matched by
-# `_REL_POS` on any path component, since their names vary by author.
+# scale of LayerNorm/BatchNorm, layer scales ("gamma", and "<x>_gamma" such as the MBPL merge's
+# "merge_gamma"). Relative-position tables are matched by `_REL_POS` on any path component
+# (e.g. ".../grid_attn/rel_pos/table"), since their names vary by author.
 _NO_DECAY_LEAVES = frozenset({"bias", "scale", "gamma", "beta"})
 _REL_POS = re.compile(r"rel(ative)?_?(pos|position|bias)|relative", re.IGNORECASE)
 
 
 def decays(path: tuple[str, ...]) -> bool:
   """Whether the parameter at `path` (its names from the root) gets weight decay."""
-  if path[-1] in _NO_DECAY_LEAVES:
+  if path[-1] in _NO_DECAY_LEAVES or path[-1].endswith("_gamma"):
     return False
   return not any(_REL_POS.search(name) for name in path)
 

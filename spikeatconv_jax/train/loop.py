@@ -111,17 +111,14 @@ def _zeros_like_measurements(m: dict) -> dict:
   return out
 
 
-def evaluate(eval_step, state, config, mesh, split: str) -> dict[str, Any]:
-  """One pass over `split`: top-1/top-5/loss, per-site rates, images/s (after the first batch,
-  which includes the compile)."""
-  batch_size = config.get("eval_batch_size") or config.batch_size
-  check_batch(batch_size, mesh, what="eval_batch_size")
-  batches = pipeline.eval_iterator(
-    config.dataset,
-    split=split,
-    global_batch_size=batch_size,
-    sharding=sharding_lib.batch_sharding(mesh),
-  )
+def evaluate(eval_step, state, config, mesh, split: str, batches=None) -> dict[str, Any]:
+  """One pass over `split`: top-1/top-5/loss, per-site rates [K, T], images/s.
+
+  images/s leaves out the first batch, which includes the compile (unless it is the only one).
+  `batches` may pass an already created `eval_iterator`.
+  """
+  if batches is None:
+    batches = eval_batches(config, mesh, split)
   acc = metrics_lib.EvalAccumulator()
   t0, timed_from, n_timed = time.time(), None, 0
   for batch in batches:
@@ -139,6 +136,17 @@ def evaluate(eval_step, state, config, mesh, split: str) -> dict[str, Any]:
   return res
 
 
+def eval_batches(config, mesh, split: str):
+  batch_size = config.get("eval_batch_size") or config.batch_size
+  check_batch(batch_size, mesh, what="eval_batch_size")
+  return pipeline.eval_iterator(
+    config.dataset,
+    split=split,
+    global_batch_size=batch_size,
+    sharding=sharding_lib.batch_sharding(mesh),
+  )
+
+
 def energy_of(config, rates: dict[str, np.ndarray]) -> float | None:
   """Energy per image in mJ with the measured rates (None when the report is unavailable)."""
   try:
@@ -149,13 +157,9 @@ def energy_of(config, rates: dict[str, np.ndarray]) -> float | None:
   return energy_mj(report)
 
 
-def energy_mj(report: Any) -> float | None:
+def energy_mj(report: dict[str, Any]) -> float:
   """The total energy (mJ per image) of an `energy.report` result."""
-  totals = report.get("totals", report) if isinstance(report, dict) else report.totals
-  for key in ("energy_mj", "total_mj", "mj"):
-    if key in totals:
-      return float(totals[key])
-  raise KeyError(f"energy.report totals have no energy in mJ: {sorted(totals)}")
+  return float(report["total_energy_mj"])
 
 
 def _console(step, total, values, ips, eta_s):

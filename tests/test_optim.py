@@ -1,0 +1,115 @@
+"""Optimizer: weight-decay mask, warmup-cosine schedule values, decoupled decay, clipping."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs.default import get_config
+from spikeatconv_jax import models, optim
+
+
+def _config(**kw):
+  c = get_config("runlocal=1")
+  c.update(kw)
+  return c
+
+
+PARAMS = {
+  "stem": {
+    "conv1": {"kernel": jnp.ones((3, 3, 1, 4))},
+    "bn1": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
+  },
+  "stage0": {
+    "block0": {
+      "attn": {
+        "qkv": {"kernel": jnp.ones((4, 12)), "bias": jnp.ones(12)},
+        "relative_position_bias_table": jnp.ones((49, 2)),
+        "rel_pos": {"table": jnp.ones((3, 3))},
+      },
+      "ls": {"gamma": jnp.ones(4)},
+      "spk": {"merge_gamma": jnp.ones(4)},
+      "ln": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
+      "dw": {"kernel": jnp.ones((7, 7, 4, 1))},
+    }
+  },
+  "head": {"kernel": jnp.ones((4, 10)), "bias": jnp.ones(10)},
+}  # fmt: skip
+
+DECAYED = {
+  ("stem", "conv1", "kernel"),
+  ("stage0", "block0", "attn", "qkv", "kernel"),
+  ("stage0", "block0", "dw", "kernel"),
+  ("head", "kernel"),
+}
+
+
+def test_mask_excludes_exactly_biases_norms_layer_scales_rel_pos():
+  mask = flax.traverse_util.flatten_dict(optim.weight_decay_mask(PARAMS))
+  assert {p for p, m in mask.items() if m} == DECAYED
+  assert len(mask) == 14
+  everything = flax.traverse_util.flatten_dict(optim.weight_decay_mask(PARAMS, exclude=False))
+  assert all(everything.values()) and len(everything) == 14
+
+
+def test_mask_on_the_nano_model():
+  c = get_config("runlocal=1")
+  c.model.attention.partition = 4  # stage maps 8/4/2/1 at 32 px
+  model = models.build(c.model)  # the default MBPL SPK has a "merge_gamma" layer scale
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 1)), train=False)
+  )["params"]
+  mask = flax.traverse_util.flatten_dict(optim.weight_decay_mask(shapes))
+  flat = flax.traverse_util.flatten_dict(shapes)
+  for path, decay in mask.items():
+    if path[-1] in ("bias", "scale", "gamma", "merge_gamma") or "rel_pos" in path:
+      assert not decay, path
+    else:
+      # Everything else is a weight matrix or conv kernel (at least 2-D).
+      assert decay and flat[path].ndim >= 2, (path, flat[path].shape)
+  assert any(mask.values()) and not all(mask.values())
+  assert any(p[-1] == "merge_gamma" for p in mask) and any("rel_pos" in p for p in mask)
+
+
+def test_schedule_values():
+  c = _config(lr=2e-3, warmup_init_lr=1e-6, min_lr=1e-5, warmup_epochs=2.0)
+  sched = optim.make_schedule(c, total_steps=100, steps_per_epoch=10)  # 20 warmup steps
+  np.testing.assert_allclose(sched(0), 1e-6, rtol=1e-4)
+  np.testing.assert_allclose(sched(10), (1e-6 + 2e-3) / 2, rtol=1e-4)  # linear
+  np.testing.assert_allclose(sched(20), 2e-3, rtol=1e-6)  # warmup end = peak
+  np.testing.assert_allclose(sched(60), 1e-5 + (2e-3 - 1e-5) / 2, rtol=1e-4)  # cosine midpoint
+  np.testing.assert_allclose(sched(100), 1e-5, rtol=1e-4)  # end of the cosine
+  assert float(sched(59)) > float(sched(61))
+
+
+def test_schedule_rejects_warmup_longer_than_run():
+  with pytest.raises(ValueError, match="warmup_epochs"):
+    optim.make_schedule(_config(warmup_epochs=10.0), total_steps=50, steps_per_epoch=10)
+  with pytest.raises(ValueError, match="grad_clip"):
+    optim.make_optimizer(_config(grad_clip=0.0), total_steps=50, steps_per_epoch=10)
+
+
+def test_decay_applies_only_to_masked_leaves():
+  # With zero gradients the Adam part is 0, so the update is exactly -lr * wd * p on the
+  # decayed leaves and 0 elsewhere.
+  c = _config(lr=0.1, warmup_init_lr=0.1, min_lr=0.1, weight_decay=0.5, warmup_epochs=0.0)
+  tx, _ = optim.make_optimizer(c, total_steps=10, steps_per_epoch=1)
+  params = jax.tree.map(lambda x: 2.0 * x, PARAMS)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  flat = flax.traverse_util.flatten_dict(updates)
+  for path, u in flat.items():
+    expected = -0.1 * 0.5 * 2.0 if path in DECAYED else 0.0
+    np.testing.assert_allclose(u, expected, rtol=1e-6, err_msg=str(path))
+
+
+def test_grad_clip_bounds_the_first_adam_moment():
+  # The first moment after one step is (1 - b1) * g; with clipping g has global norm <= clip.
+  c = _config(grad_clip=0.1, weight_decay=0.0)
+  tx, _ = optim.make_optimizer(c, total_steps=10, steps_per_epoch=1)
+  grads = jax.tree.map(lambda x: 100.0 * x, PARAMS)
+  _, state = tx.update(grads, tx.init(PARAMS), PARAMS)
+  adam = [s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")]
+  mu_norm = float(optax.global_norm(adam[0].mu))
+  np.testing.assert_allclose(mu_norm, (1 - c.adam_b1) * 0.1, rtol=1e-5)
