@@ -7,6 +7,9 @@ biases, norm parameters, layer scales and relative-position tables when
 `weight_decay_exclude` is set (MaxViT's `weight_decay_exclude`); the gradient is clipped to a
 global L2 norm of `grad_clip` when that is set (timm `--clip-mode norm`).
 
+The learning rate is applied in the train step (`apply_lr`), from the schedule evaluated on
+the host, so the compiled step does not depend on the schedule; see `make_optimizer`.
+
 Gradient accumulation is not an optax wrapper here: `train/step.py` splits the global batch
 into `grad_accum_steps` micro-batches inside one jitted step and averages their gradients, so
 one train step is always one optimizer update and one global batch of data.
@@ -19,7 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 # Leaf names that never get weight decay when `weight_decay_exclude` is on: biases, the
@@ -87,11 +93,17 @@ def make_schedule(
 def make_optimizer(
   config: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int
 ) -> tuple[optax.GradientTransformation, Callable[[Any], Any]]:
-  """The optax chain of the config: [clip_by_global_norm] -> adamw(schedule, mask).
+  """AdamW of the config, with the learning rate left out of the transformation.
+
+  `tx` is [clip_by_global_norm] -> scale_by_adam(b1, b2, eps) -> add_decayed_weights(wd,
+  mask): optax.adamw without its final scale_by_learning_rate. The step applies the rate,
+  `params - lr * updates` (`apply_lr`), with lr = schedule(step) passed in as an argument.
+  The result is exactly optax.adamw(schedule, ...), but the compiled train step no longer
+  depends on the schedule (lr, warmup, run length), so one compiled step (and the persistent
+  compilation cache) serves every run of the same model, batch and mesh.
 
   Returns:
-    (tx, schedule): the transformation and the learning-rate schedule (step -> lr), the
-    latter for logging.
+    (tx, schedule): the transformation and the learning-rate schedule (step -> lr).
   """
   schedule = make_schedule(config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
   exclude = bool(config.weight_decay_exclude)
@@ -100,14 +112,21 @@ def make_optimizer(
     if not config.grad_clip > 0:
       raise ValueError(f"config.grad_clip must be > 0 or None, got {config.grad_clip}")
     parts.append(optax.clip_by_global_norm(config.grad_clip))
+  parts.append(optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps))
   parts.append(
-    optax.adamw(
-      learning_rate=schedule,
-      b1=config.adam_b1,
-      b2=config.adam_b2,
-      eps=config.adam_eps,
-      weight_decay=config.weight_decay,
-      mask=lambda params: weight_decay_mask(params, exclude),
+    optax.add_decayed_weights(
+      config.weight_decay, mask=lambda params: weight_decay_mask(params, exclude)
     )
   )
   return optax.chain(*parts), schedule
+
+
+def apply_lr(params: Any, updates: Any, lr) -> Any:
+  """params - lr * updates (the scale_by_learning_rate step of AdamW)."""
+  return jax.tree.map(lambda p, u: p - (lr * u).astype(p.dtype), params, updates)
+
+
+def schedule_table(schedule, total_steps: int) -> np.ndarray:
+  """lr(step) for step = 0..total_steps as a float32 host array (read once per step)."""
+  steps = jnp.arange(total_steps + 1)
+  return np.asarray(jax.jit(jax.vmap(schedule))(steps), np.float32)

@@ -92,16 +92,37 @@ def test_schedule_rejects_warmup_longer_than_run():
 
 
 def test_decay_applies_only_to_masked_leaves():
-  # With zero gradients the Adam part is 0, so the update is exactly -lr * wd * p on the
-  # decayed leaves and 0 elsewhere.
-  c = _config(lr=0.1, warmup_init_lr=0.1, min_lr=0.1, weight_decay=0.5, warmup_epochs=0.0)
+  # With zero gradients the Adam direction is 0, so the step is exactly -lr * wd * p on the
+  # decayed leaves and 0 elsewhere (AdamW's decoupled, lr-scaled decay).
+  c = _config(weight_decay=0.5)
   tx, _ = optim.make_optimizer(c, total_steps=10, steps_per_epoch=1)
   params = jax.tree.map(lambda x: 2.0 * x, PARAMS)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-  flat = flax.traverse_util.flatten_dict(updates)
-  for path, u in flat.items():
-    expected = -0.1 * 0.5 * 2.0 if path in DECAYED else 0.0
-    np.testing.assert_allclose(u, expected, rtol=1e-6, err_msg=str(path))
+  new = optim.apply_lr(params, updates, 0.1)
+  for path, p in flax.traverse_util.flatten_dict(new).items():
+    expected = 2.0 - 0.1 * 0.5 * 2.0 if path in DECAYED else 2.0
+    np.testing.assert_allclose(p, expected, rtol=1e-6, err_msg=str(path))
+
+
+def test_equals_optax_adamw():
+  # tx + apply_lr(lr=schedule(step)) is optax.adamw(schedule) with the same mask, step by step.
+  c = _config(weight_decay=0.05, lr=1e-2, warmup_init_lr=1e-3, warmup_epochs=1.0)
+  tx, sched = optim.make_optimizer(c, total_steps=6, steps_per_epoch=2)
+  ref = optax.adamw(sched, b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps, weight_decay=0.05,
+                    mask=optim.weight_decay_mask)  # fmt: skip
+  lrs = optim.schedule_table(sched, 6)
+  p1 = p2 = PARAMS
+  s1, s2 = tx.init(p1), ref.init(p2)
+  for step in range(4):
+    g = jax.tree.map(
+      lambda x, k=step: jnp.sin(x * (k + 1) + jnp.arange(x.size).reshape(x.shape)), PARAMS
+    )
+    u1, s1 = tx.update(g, s1, p1)
+    p1 = optim.apply_lr(p1, u1, lrs[step])
+    u2, s2 = ref.update(g, s2, p2)
+    p2 = optax.apply_updates(p2, u2)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_grad_clip_bounds_the_first_adam_moment():

@@ -250,7 +250,8 @@ def train_and_evaluate(
   num_params = state_lib.param_count(state.params)
   logging.info("model %s/%s: %d parameters", config.model.name, config.model.variant, num_params)
 
-  train_step = step_lib.make_train_step(model, tx, schedule, config, mesh, shardings)
+  lrs = optim.schedule_table(schedule, total_steps)  # [total_steps + 1] on the host
+  train_step = step_lib.make_train_step(model, tx, config, mesh, shardings)
   eval_step = step_lib.make_eval_step(model, config.model.num_classes, mesh, shardings)
   writer = (
     metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
@@ -278,7 +279,7 @@ def train_and_evaluate(
   with ckpt_lib.StopSignal() as signal_flag:
     acc, window, t_window = None, 0, time.time()
     while step < total_steps:
-      state, m = train_step(state, next(train_iter))
+      state, m = train_step(state, next(train_iter), lrs[step])
       step += 1
       if acc is None:
         jax.block_until_ready(m)  # the first step includes the compile: time it apart

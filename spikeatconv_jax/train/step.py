@@ -1,7 +1,7 @@
 """The train and eval steps: pure, module-level functions (STYLE.md §3 habits 7 and 12).
 
-`train_step(state, batch, *, model, tx, schedule, config)` does one optimizer update on one
-global batch; `make_train_step` binds the static arguments with `functools.partial` and jits
+`train_step(state, batch, lr, *, model, tx, config)` does one optimizer update on one global
+batch; `make_train_step` binds the static arguments with `functools.partial` and jits
 it once with explicit in/out shardings and the state donated.
 
 Gradient accumulation (`config.grad_accum_steps = A > 1`) is a `lax.scan` over A micro-batches
@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spikeatconv_jax import metrics as metrics_lib
+from spikeatconv_jax import optim
 from spikeatconv_jax import sharding as sharding_lib
 from spikeatconv_jax.train.state import TrainState
 
@@ -52,10 +53,10 @@ def _forward_loss(params, batch_stats, images, targets, rng, *, model):
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
+  lr: jax.Array,
   *,
   model,
   tx: optax.GradientTransformation,
-  schedule,
   config: ml_collections.ConfigDict,
   mesh: Mesh | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -64,9 +65,9 @@ def train_step(
   Args:
     state: the TrainState (donated by the jitted wrapper).
     batch: {"image": [B, H, W, C] float32, "label": [B] int32}, B the global batch.
+    lr: float32 scalar, the learning rate of this step (schedule(state.step), from the host).
     model: the linen module.
-    tx: the optax transformation.
-    schedule: step -> learning rate (for the "lr" measurement).
+    tx: the optax transformation without the learning rate (`optim.make_optimizer`).
     config: the top-level config (label_smoothing, mixup, cutmix, mix_switch_prob,
       grad_accum_steps, model.num_classes).
     mesh: the device mesh, to keep micro-batches spread over all devices when accumulating.
@@ -145,13 +146,13 @@ def train_step(
     correct = correct_sum / b
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = optim.apply_lr(state.params, updates, lr)
   grad_norm = optax.global_norm(grads)
   param_norm = optax.global_norm(params)
   measurements = {
     "loss": loss,
     "accuracy": jnp.mean(correct.astype(jnp.float32)),
-    "lr": jnp.asarray(schedule(state.step), jnp.float32),
+    "lr": jnp.asarray(lr, jnp.float32),
     "grad_norm": grad_norm,
     "param_norm": param_norm,
     "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)).astype(
@@ -199,20 +200,13 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model, num_clas
   }
 
 
-def make_train_step(model, tx, schedule, config, mesh, state_shardings):
-  """`train_step` jitted once: explicit shardings, the state donated."""
+def make_train_step(model, tx, config, mesh, state_shardings):
+  """`train_step(state, batch, lr)` jitted once: explicit shardings, the state donated."""
   batch_sh = sharding_lib.batch_sharding(mesh)
-  step = functools.partial(
-    train_step,
-    model=model,
-    tx=tx,
-    schedule=schedule,
-    config=config,
-    mesh=mesh,
-  )
+  step = functools.partial(train_step, model=model, tx=tx, config=config, mesh=mesh)
   return jax.jit(
     step,
-    in_shardings=(state_shardings, batch_sh),
+    in_shardings=(state_shardings, batch_sh, sharding_lib.replicated(mesh)),
     out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
     donate_argnums=(0,),
   )

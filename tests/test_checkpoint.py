@@ -1,0 +1,109 @@
+"""Checkpointer: restore onto another mesh, keep-N, config/shape mismatch errors, SIGTERM flag."""
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs.common import model_config
+from spikeatconv_jax import checkpoint, sharding
+from spikeatconv_jax.train.state import TrainState, abstract_with_shardings
+
+
+def _state(scale=1.0, width=512):
+  params = {"dense": {"kernel": scale * jnp.arange(64.0 * width).reshape(64, width)}}
+  params["dense"]["bias"] = jnp.full((width,), scale)
+  tx = optax.adam(1e-3)
+  return TrainState(
+    step=jnp.asarray(3, jnp.int32),
+    params=params,
+    batch_stats={"bn": {"mean": jnp.ones(width)}},
+    opt_state=tx.init(params),
+    rng=jax.random.PRNGKey(7),
+  )
+
+
+def _put(state, mesh):
+  sh = sharding.state_shardings(jax.eval_shape(lambda: state), mesh, min_size=1024)
+  return jax.device_put(state, sh), sh
+
+
+def test_restore_onto_another_mesh(tmp_path):
+  fsdp = sharding.make_mesh((("data", -1), ("fsdp", 4)))
+  state, sh = _put(_state(), fsdp)
+  assert state.params["dense"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  ck = checkpoint.Checkpointer(str(tmp_path / "ck"), keep=2)
+  meta = {"step": 3, "data_position": 3, "model_config": checkpoint.config_to_dict(model_config())}
+  ck.save(3, state, meta)
+  ck.wait()
+  for target_mesh in (
+    sharding.make_mesh((("data", -1),), jax.devices()[:1]),
+    sharding.make_mesh((("data", -1), ("fsdp", 2))),
+  ):
+    shapes = jax.eval_shape(lambda: _state())
+    tsh = sharding.state_shardings(shapes, target_mesh, min_size=1024)
+    restored, rmeta = ck.restore(3, abstract_with_shardings(shapes, tsh), model_config())
+    assert rmeta == meta
+    for a, b, s in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(tsh)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      assert a.sharding == s  # lands on the current mesh with the current rules
+  ck.close()
+
+
+def test_keep_n_and_latest(tmp_path):
+  ck = checkpoint.Checkpointer(str(tmp_path / "ck"), every=1, keep=2)
+  state = _state(width=8)
+  for step in (1, 2, 3, 4):
+    ck.save(step, state, {"step": step})
+  ck.wait()
+  assert ck.all_steps() == [3, 4] and ck.latest_step() == 4
+  ck.close()
+
+
+def test_model_config_mismatch_is_a_clear_error(tmp_path):
+  ck = checkpoint.Checkpointer(str(tmp_path / "ck"))
+  saved = model_config(variant="nano", spk="mbpl")
+  ck.save(1, _state(width=8), {"model_config": checkpoint.config_to_dict(saved)})
+  ck.wait()
+  other = model_config(variant="tiny", spk="sl", timesteps=2)
+  with pytest.raises(ValueError) as e:
+    ck.check_model_config(1, other)
+  msg = str(e.value)
+  assert "different model config" in msg
+  for line in (
+    "model.variant: checkpoint 'nano' != config 'tiny'",
+    "model.spk.kind: checkpoint 'mbpl' != config 'sl'",
+    "model.timesteps: checkpoint 1 != config 2",
+  ):
+    assert line in msg, msg
+  # Compute dtype, remat and drop_path may change between save and restore.
+  same = model_config(variant="nano", spk="mbpl")
+  same.dtype, same.remat, same.drop_path = "bfloat16", True, 0.3
+  ck.check_model_config(1, same)
+  ck.close()
+
+
+def test_shape_mismatch_is_a_clear_error(tmp_path):
+  ck = checkpoint.Checkpointer(str(tmp_path / "ck"))
+  ck.save(1, _state(width=8), {"step": 1})
+  ck.wait()
+  shapes = jax.eval_shape(lambda: _state(width=16))
+  mesh = sharding.make_mesh((("data", -1),))
+  target = abstract_with_shardings(shapes, sharding.state_shardings(shapes, mesh))
+  with pytest.raises(ValueError, match=r"does not fit the current model") as e:
+    ck.restore(1, target)
+  assert "params/dense/kernel: checkpoint (64, 8) != model (64, 16)" in str(e.value)
+  ck.close()
+
+
+def test_stop_signal_sets_a_flag_and_restores_the_handler():
+  before = signal.getsignal(signal.SIGTERM)
+  with checkpoint.StopSignal() as stop:
+    assert not stop
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop and stop.received == signal.SIGTERM
+  assert signal.getsignal(signal.SIGTERM) == before
