@@ -19,7 +19,7 @@ from configs.common import model_config, parse_arg
 # name: (table rows it reproduces, paper top-1 %, SPK settings). T is model.timesteps.
 PRESETS = {
   # Table 1.
-  "ann": dict(tables=(1,), paper_top1=75.4, kind="relu", timesteps=1),
+  "ann": dict(tables=(1,), paper_top1=75.4, kind="none", timesteps=1),  # ReLU ResNet-18
   "sl_t1_tau4_sig": dict(
     tables=(1,), paper_top1=64.3, kind="sl", timesteps=1, tau=4.0, surrogate="sigmoid"
   ),
