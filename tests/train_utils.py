@@ -91,3 +91,49 @@ def config_flags_for(c, keys) -> list[str]:
     value = "+".join(map(str, node)) if isinstance(node, tuple) else node
     out.append(f"--config.{key}={value}")
   return out
+
+
+CONFIG_FILE = '''"""A tiny test config (written by tests/train_utils.py)."""
+import train_utils
+
+
+def get_config(arg=None):
+  return train_utils.tiny_config({root!r}, **{overrides!r})
+'''
+
+
+def write_config_file(root: str, name: str = "tiny_config.py", **overrides) -> str:
+  """A config file for train.py/eval.py: `tiny_config(root, **overrides)`; tests/ must be on
+  PYTHONPATH (see `subprocess_env`)."""
+  path = os.path.join(root, name)
+  with open(path, "w") as f:
+    f.write(CONFIG_FILE.format(root=root, overrides=overrides))
+  return path
+
+
+def cache_dir() -> str:
+  """The persistent XLA compilation cache the training tests share (across processes too)."""
+  import tempfile
+
+  return os.environ.get(
+    "SPIKEATCONV_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), "spikeatconv_jax_xla_cache")
+  )
+
+
+def enable_compile_cache():
+  """Every test compiles the same nano programs; the cache makes each compile happen once."""
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", cache_dir())
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def subprocess_env(num_devices: int = 8) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests")])
+  env["JAX_COMPILATION_CACHE_DIR"] = cache_dir()
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  return env

@@ -198,9 +198,6 @@ def train_and_evaluate(
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   check_config(config)
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    metrics_lib.write_json(os.path.join(workdir, "config.json"), ckpt_lib.config_to_dict(config))
 
   # Mesh and the data position.
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -216,6 +213,8 @@ def train_and_evaluate(
   start_step = ckpt.latest_step() or 0
   if start_step:
     ckpt.check_model_config(start_step, config.model)  # before any data or compile
+  if is_main:
+    metrics_lib.write_json(os.path.join(workdir, "config.json"), ckpt_lib.config_to_dict(config))
   logging.info(
     "mesh %s | %d processes | global batch %d | %d train examples, %d steps/epoch, %d steps | %s",
     dict(mesh.shape), jax.process_count(), config.batch_size, num_train, steps_per_epoch,
