@@ -1,11 +1,31 @@
-"""Depthwise 2-D convolution, NHWC, with a channel multiplier.
+"""Depthwise 2-D convolution, NHWC, with a channel multiplier, chosen per backend.
 
 `depthwise_conv2d(x, kernel)` maps x [N, H, W, C] and kernel [kh, kw, C, M] to
 [N, H', W', C*M] (output channel c*M + m, lax's grouped-conv order), SAME padding.
+
+Two implementations compute the same function:
+
+- `depthwise_conv2d_lax`: `lax.conv_general_dilated` with `feature_group_count=C`. Fast on GPU/TPU,
+  but XLA:CPU runs grouped convolutions at well under 1 GFLOP/s (50-100x below its dense matmul),
+  which would dominate every ConvNeXt block of a CPU run.
+- `depthwise_conv2d_shift`: the sum over the kh*kw kernel offsets of (strided) slices of the padded
+  input times per-channel weights. XLA fuses the whole sum into one vectorised loop. Its gradient is
+  a `custom_vjp`: the input gradient is the same shift-sum with the flipped kernel over the (for
+  stride > 1, zero-dilated) padded cotangent; the kernel gradient is one reduction over N, H', W'
+  per kernel offset. Autodiff of the slices would instead build kh*kw padded copies of the
+  cotangent. All products are accumulated in float32 and the result is cast back to the input
+  dtype (so bfloat16 inputs lose no precision in the 49-term sums or the N*H*W reductions).
+
+`depthwise_conv2d` uses the shift form when `jax.default_backend() == "cpu"` and lax's grouped
+convolution otherwise. Override with `set_implementation("lax" | "shift" | "auto")` or the env
+var `SPIKEATCONV_DWCONV=lax|shift|auto` (the module setting wins). The choice is made when a
+function is traced, so change it before `jax.jit` compiles the caller.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,22 +36,196 @@ from jax import lax
 
 Dtype = Any
 
+IMPLEMENTATIONS = ("auto", "lax", "shift")
+ENV_VAR = "SPIKEATCONV_DWCONV"
+_override: str | None = None
+
+
+def set_implementation(name: str | None) -> None:
+  """Forces the implementation `depthwise_conv2d` uses ("lax", "shift", "auto"; None clears)."""
+  global _override
+  if name is not None and name not in IMPLEMENTATIONS:
+    raise ValueError(
+      f"unknown depthwise conv implementation {name!r}; use one of {IMPLEMENTATIONS}"
+    )
+  _override = name
+
+
+def implementation() -> str:
+  """The implementation `depthwise_conv2d` would use now: "lax" or "shift"."""
+  name = _override if _override is not None else os.environ.get(ENV_VAR, "auto") or "auto"
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"{ENV_VAR}={name!r} is not one of {IMPLEMENTATIONS}")
+  if name == "auto":
+    return "shift" if jax.default_backend() == "cpu" else "lax"
+  return name
+
+
+def _check(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> tuple[int, int]:
+  if x.ndim != 4 or kernel.ndim != 4:
+    raise ValueError(
+      "depthwise conv wants x [N, H, W, C] and kernel [kh, kw, C, M]; "
+      f"got {x.shape}, {kernel.shape}"
+    )
+  if kernel.shape[2] != x.shape[3]:
+    raise ValueError(
+      f"kernel {kernel.shape} has {kernel.shape[2]} channels, x {x.shape} has {x.shape[3]}"
+    )
+  strides = tuple(int(s) for s in strides)
+  if len(strides) != 2 or min(strides) < 1:
+    raise ValueError(f"strides must be two positive ints, got {strides}")
+  return strides
+
 
 def depthwise_conv2d_lax(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)):
   """Reference: lax.conv_general_dilated with feature_group_count=C."""
+  strides = _check(x, kernel, strides)
   kh, kw, c, m = kernel.shape
   return lax.conv_general_dilated(
     x,
     kernel.reshape(kh, kw, 1, c * m),
-    window_strides=tuple(strides),
+    window_strides=strides,
     padding="SAME",
     dimension_numbers=("NHWC", "HWIO", "NHWC"),
     feature_group_count=c,
   )
 
 
+def _shift_sum(xp: jax.Array, kernel: jax.Array, out_hw: tuple[int, int], strides) -> jax.Array:
+  """sum_{a,b} xp[:, a::sh, b::sw, :, None] * kernel[a, b] in float32 -> [N, Ho, Wo, C*M].
+
+  xp [N, Hp, Wp, C] is already padded; kernel [kh, kw, C, M].
+  """
+  n, _, _, c = xp.shape
+  kh, kw, _, m = kernel.shape
+  (ho, wo), (sh, sw) = out_hw, strides
+  k32 = kernel.astype(jnp.float32)
+  acc = None
+  for a in range(kh):
+    for b in range(kw):
+      window = lax.slice(
+        xp, (0, a, b, 0), (n, a + (ho - 1) * sh + 1, b + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
+      )  # [N, Ho, Wo, C]
+      term = window.astype(jnp.float32)[..., None] * k32[a, b]  # [N, Ho, Wo, C, M]
+      acc = term if acc is None else acc + term
+  return acc.reshape(n, ho, wo, c * m)
+
+
+def _geometry(x_shape, kernel_shape, strides):
+  """SAME padding exactly as lax splits it, and the output size."""
+  (h, w), (kh, kw) = x_shape[1:3], kernel_shape[:2]
+  pads = lax.padtype_to_pads((h, w), (kh, kw), strides, "SAME")
+  out_hw = (-(-h // strides[0]), -(-w // strides[1]))
+  return pads, out_hw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dwconv_shift(x, kernel, strides):
+  pads, out_hw = _geometry(x.shape, kernel.shape, strides)
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  dtype = jnp.result_type(x, kernel)
+  return _shift_sum(xp, kernel, out_hw, strides).astype(dtype)
+
+
+def _dwconv_shift_fwd(x, kernel, strides):
+  return _dwconv_shift(x, kernel, strides), (x, kernel)
+
+
+def _phase_taps(k: int, s: int, lo: int, r: int) -> tuple[int, int, int]:
+  """Input rows p = s*u + r get kernel taps a0, a0 + s, ...: returns (a0, taps, q).
+
+  dx[s*u + r] = sum_t g[u + q - t] * kernel[a0 + s*t] (a stride-1 correlation per phase r).
+  """
+  a0 = (r + lo) % s
+  taps = max(0, -(-(k - a0) // s))
+  return a0, taps, (r + lo - a0) // s
+
+
+def _input_grad(g: jax.Array, kernel: jax.Array, x_hw, pads, strides) -> jax.Array:
+  """Transpose of the strided depthwise conv, computed per output phase without zero-dilation.
+
+  g [N, Ho, Wo, C*M], kernel [kh, kw, C, M] -> dx [N, H, W, C] in float32. For stride s the
+  input rows split into s phases (p mod s); each phase sees only every s-th kernel tap, so the
+  phase is a stride-1 shift-sum of the padded cotangent with that flipped sub-kernel. Dilating
+  the cotangent with zeros instead would spend (1 - 1/s^2) of the work on zeros.
+  """
+  n, ho, wo, _ = g.shape
+  kh, kw, c, m = kernel.shape
+  (h, w), (sh, sw) = x_hw, strides
+  # [M, N, Ho, Wo, C]: one copy so that every (a, b, m) term below reads a contiguous slice.
+  gm = g.reshape(n, ho, wo, c, m).transpose(4, 0, 1, 2, 3) if m > 1 else g[None]
+  phases = []
+  for rh in range(sh):
+    a0, th, qh = _phase_taps(kh, sh, pads[0][0], rh)
+    row = []
+    for rw in range(sw):
+      b0, tw, qw = _phase_taps(kw, sw, pads[1][0], rw)
+      if th == 0 or tw == 0:  # kernel smaller than the stride: these inputs are never read
+        row.append(jnp.zeros((n, ho, wo, c), jnp.float32))
+        continue
+      gp = lax.pad(
+        gm,
+        jnp.zeros((), gm.dtype),
+        ((0, 0, 0), (0, 0, 0), (th - 1 - qh, qh, 0), (tw - 1 - qw, qw, 0), (0, 0, 0)),
+      )  # [M, N, Ho + th - 1, Wo + tw - 1, C]
+      k_sub = kernel[a0::sh, b0::sw][::-1, ::-1].astype(jnp.float32)  # [th, tw, C, M]
+      acc = None
+      for a in range(th):
+        for b in range(tw):
+          for j in range(m):
+            term = gp[j, :, a : a + ho, b : b + wo].astype(jnp.float32) * k_sub[a, b, :, j]
+            acc = term if acc is None else acc + term
+      row.append(acc)  # [N, Ho, Wo, C]
+    phases.append(jnp.stack(row, axis=3) if sw > 1 else row[0][:, :, :, None])
+  dx = jnp.stack(phases, axis=2) if sh > 1 else phases[0][:, :, None]  # [N, Ho, sh, Wo, sw, C]
+  return dx.reshape(n, ho * sh, wo * sw, c)[:, :h, :w]
+
+
+def _dwconv_shift_bwd(strides, res, g):
+  x, kernel = res
+  n, h, w, c = x.shape
+  kh, kw, _, m = kernel.shape
+  pads, (ho, wo) = _geometry(x.shape, kernel.shape, strides)
+  sh, sw = strides
+  dx = _input_grad(g, kernel, (h, w), pads, strides)
+
+  # Kernel gradient: dk[a, b, c, m] = sum_{n,i,j} xp[n, i*sh + a, j*sw + b, c] * g[n, i, j, c*M+m].
+  xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  g5 = g.astype(jnp.float32).reshape(n, ho, wo, c, m)
+  rows = []
+  for a in range(kh):
+    for b in range(kw):
+      window = lax.slice(
+        xp, (0, a, b, 0), (n, a + (ho - 1) * sh + 1, b + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
+      )
+      rows.append(jnp.sum(window.astype(jnp.float32)[..., None] * g5, axis=(0, 1, 2)))  # [C, M]
+  dk = jnp.stack(rows).reshape(kh, kw, c, m)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_dwconv_shift.defvjp(_dwconv_shift_fwd, _dwconv_shift_bwd)
+
+
+def depthwise_conv2d_shift(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)):
+  """Depthwise conv as a fused sum of shifted slices (fast on XLA:CPU), with a custom VJP.
+
+  Args:
+    x: [N, H, W, C] input.
+    kernel: [kh, kw, C, M] per-channel filters, M the channel multiplier.
+    strides: (sh, sw).
+
+  Returns:
+    [N, ceil(H/sh), ceil(W/sw), C*M], channel c*M + m; equal to `depthwise_conv2d_lax` up to
+    float rounding (accumulated in float32, returned in the promoted input dtype).
+  """
+  strides = _check(x, kernel, strides)
+  return _dwconv_shift(x, kernel, strides)
+
+
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)):
-  """Depthwise conv; picks the fastest implementation for the current backend."""
+  """Depthwise conv; the shift form on CPU, lax's grouped conv elsewhere (see `implementation`)."""
+  if implementation() == "shift":
+    return depthwise_conv2d_shift(x, kernel, strides)
   return depthwise_conv2d_lax(x, kernel, strides)
 
 
