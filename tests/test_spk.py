@@ -172,7 +172,9 @@ def _branches(name, x):
   raise AssertionError(name)
 
 
-@pytest.mark.parametrize("name", ["sl", "rl", "rl_literal", "mbpl_dwconv", "mbpl_sum", "hsl"])
+@pytest.mark.parametrize(
+  "name", ["sl", "rl", "rl_literal", "mbpl_dwconv", "mbpl_sum", "mbpl_convnext", "hsl"]
+)
 def test_sown_rate_is_the_mean_spike_rate_per_branch_and_step(name):
   x = _x()
   _, _, sown, _, _ = _result(name)
@@ -185,8 +187,9 @@ def test_sown_rate_is_the_mean_spike_rate_per_branch_and_step(name):
   assert np.all(firing[:, 0] > 0)
 
 
-def test_sown_rate_of_dcl_matches_its_output_halves():
-  y, _, sown, _, _ = _result("dcl")
+@pytest.mark.parametrize("name", ["dcl", "dcl_norm"])
+def test_sown_rate_of_dcl_matches_its_output_halves(name):
+  y, _, sown, _, _ = _result(name)
   (rate,) = sown["rate"]
   expected = [
     np.asarray(y[..., : C // 2]).mean((1, 2, 3, 4)),
