@@ -44,6 +44,10 @@ CASES = {
   "resize_small": ("decode|resize_small(20)", JPEG, (20, 28, 3), tf.uint8, (0, 255)),
   "central_crop": ("decode|central_crop(16)", JPEG, (16, 16, 3), tf.uint8, (0, 255)),
   "pad": ("decode(1)|pad(2)", PNG, (32, 32, 1), tf.uint8, (0, 255)),
+  "pad_to": ("decode(1)|pad_to(31)", PNG, (31, 31, 1), tf.uint8, (0, 255)),
+  "fmnist_decode": ("fmnist_decode", PNG, (28, 28, 1), tf.uint8, (0, 255)),
+  "rotate": ("decode|rotate(30)", JPEG, (40, 56, 3), tf.uint8, (0, 255)),
+  "shear": ("decode|shear(10)", JPEG, (40, 56, 3), tf.uint8, (0, 255)),
   "random_crop": ("decode(1)|random_crop(28, pad=4)", PNG, (28, 28, 1), tf.uint8, (0, 255)),
   "flip_lr": ("decode|flip_lr", JPEG, (40, 56, 3), tf.uint8, (0, 255)),
   "random_rotate": ("decode|random_rotate(30)", JPEG, (40, 56, 3), tf.uint8, (0, 255)),
@@ -111,6 +115,19 @@ def test_flip_lr_probability():
   assert 0.38 < np.mean(flipped) < 0.62
   assert np.array_equal(run("flip_lr(1.0)", image).numpy(), image[:, ::-1])
   assert np.array_equal(run("flip_lr(0.0)", image).numpy(), image)
+
+
+def test_pad_to_and_aliases():
+  padded = run("pad_to(31)", GRAY[..., None]).numpy()
+  np.testing.assert_array_equal(padded[1:29, 1:29, 0], GRAY)
+  assert not padded[0].any() and not padded[29:].any()
+  np.testing.assert_array_equal(run("fmnist_decode", PNG).numpy(), run("decode(1)", PNG).numpy())
+  for alias, op in (("rotate", "random_rotate"), ("shear", "random_shear")):
+    np.testing.assert_array_equal(run(f"{alias}(10)", RAW, 3).numpy(), run(f"{op}(10)", RAW, 3))
+  np.testing.assert_array_equal(
+    run("normalize('fmnist')", GRAY[..., None]).numpy(),
+    run("normalize('fashion_mnist')", GRAY[..., None]).numpy(),
+  )
 
 
 def test_random_crop_is_a_window_of_the_padded_image():

@@ -150,8 +150,11 @@ def test_real_fashion_mnist_prepares(tmp_path):
   assert sorted(got) == sorted(labels[:300].tolist())
 
 
-def test_train_stream_shapes_and_epochs(cfg):
-  ds = pipeline.train_dataset(cfg, batch_size=10, seed=0)
+@pytest.mark.parametrize("cache", [True, False])
+def test_train_stream_shapes_and_epochs(cfg, cache):
+  ds = pipeline.train_dataset(
+    pipeline.dataset_config(**{**cfg.to_dict(), "cache": cache}), batch_size=10, seed=0
+  )
   ids = stream_ids(ds, 10)  # 100 elements = 2 epochs of 50
   assert ids.shape == (10, 10)
   flat = ids.reshape(-1)
@@ -170,10 +173,11 @@ def test_train_stream_is_deterministic_in_seed(cfg):
   assert not np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("start_step", [1, 6, 13])
-def test_resume_equals_continuing_stream(cfg, start_step):
+def test_resume_equals_continuing_stream(cfg, start_step, cache):
   # Random augmentations included: the resumed batches must be bit-identical.
-  aug = pipeline.dataset_config(**{**cfg.to_dict(), "pp_train": "decode(1)|pad(2)|flip_lr"})
+  aug = pipeline.dataset_config(**{**cfg.to_dict(), "cache": cache})
   aug.pp_train = "decode(1)|random_crop(32, pad=2)|flip_lr|normalize('fashion_mnist')"
   full = list(pipeline.train_dataset(aug, batch_size=8, seed=1).take(20).as_numpy_iterator())
   resumed = pipeline.train_dataset(aug, batch_size=8, seed=1, start_step=start_step)
