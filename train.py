@@ -47,6 +47,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   FLAGS = flags.FLAGS
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.INFO)  # the progress lines are INFO
   cli.init_distributed(
     FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   )

@@ -117,8 +117,15 @@ class Checkpointer:
       read_only=read_only,
       enable_async_checkpointing=asynchronous,
     )
+    # Handlers named up front (not just item names), so that a fresh manager can read the
+    # metadata of a checkpoint it has not written (the shape check before a restore).
     self.manager = ocp.CheckpointManager(
-      self.directory, item_names=("state", "meta"), options=options
+      self.directory,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+      },
+      options=options,
     )
 
   def latest_step(self) -> int | None:
@@ -159,7 +166,12 @@ class Checkpointer:
   def check_shapes(self, step: int, target: Any):
     """Raises ValueError if the arrays saved at `step` differ in name or shape from `target`
     (an abstract TrainState)."""
-    saved = _leaf_paths(self.manager.item_metadata(int(step))["state"])
+    saved_tree = self.manager.item_metadata(int(step))["state"]
+    if saved_tree is None:
+      raise ValueError(
+        f"cannot read the array metadata of {os.path.join(self.directory, str(step))}"
+      )
+    saved = _leaf_paths(saved_tree)
     wanted = _leaf_paths(target)
     lines = []
     for path in sorted(set(saved) | set(wanted)):

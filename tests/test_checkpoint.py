@@ -90,13 +90,15 @@ def test_model_config_mismatch_is_a_clear_error(tmp_path):
 def test_shape_mismatch_is_a_clear_error(tmp_path):
   ck = checkpoint.Checkpointer(str(tmp_path / "ck"))
   ck.save(1, _state(width=8), {"step": 1})
-  ck.wait()
+  ck.close()
+  ck = checkpoint.Checkpointer(str(tmp_path / "ck"))  # a fresh manager, as after a restart
   shapes = jax.eval_shape(lambda: _state(width=16))
   mesh = sharding.make_mesh((("data", -1),))
   target = abstract_with_shardings(shapes, sharding.state_shardings(shapes, mesh))
   with pytest.raises(ValueError, match=r"does not fit the current model") as e:
     ck.restore(1, target)
   assert "params/dense/kernel: checkpoint (64, 8) != model (64, 16)" in str(e.value)
+  assert "(7 arrays differ)" in str(e.value)  # kernel, bias, mu and nu of each, BN mean
   ck.close()
 
 

@@ -23,9 +23,10 @@ def init_distributed(mode: str, coordinator_address, num_processes, process_id) 
   manual = coordinator_address is not None
   if mode == "off" or (mode == "auto" and not manual and not _cluster_detected()):
     return
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    # CPU collectives across processes need gloo (the default has none).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # CPU collectives across processes need gloo (the CPU client has none by default). The
+  # option only concerns the CPU client, and it must be set before any backend starts, so it
+  # is set unconditionally (asking jax.default_backend() here would start the backends).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if manual:
     jax.distributed.initialize(
       coordinator_address=coordinator_address,
