@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from spikeatconv_jax.layers import common
+from spikeatconv_jax.layers import common, dwconv
 from spikeatconv_jax.layers.attention import AttentionCore
 from spikeatconv_jax.layers.dwconv import DepthwiseConv
 from spikeatconv_jax.snn.spk import DEFAULT_THRESHOLDS, SPK
@@ -99,8 +99,14 @@ def _trace(model_config: Any, image_size: int) -> dict[str, Any]:
 
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda: module.init(rngs, images, train=False))
+  # Trace with lax's depthwise conv: the shapes (all that is counted) are the same, and the
+  # CPU shift-sum implementation is much slower to trace for the many MBPL merge convs.
+  fast_dw, dwconv.depthwise_conv2d = dwconv.depthwise_conv2d, dwconv.depthwise_conv2d_lax
+  try:
+    with nn.intercept_methods(interceptor):
+      jax.eval_shape(lambda: module.init(rngs, images, train=False))
+  finally:
+    dwconv.depthwise_conv2d = fast_dw
   return dict(layers=layers, spks=spks, cores=cores)
 
 
