@@ -239,5 +239,11 @@ def test_batch_size_errors(cfg):
     next(pipeline.train_iterator(cfg, global_batch_size=12, sharding=sharding, seed=0))
   with pytest.raises(ValueError, match="processes"):
     pipeline._check_batch(10, 4)
+  # 16 processes (simulated) with the 8-device batch sharding: 1 example per process, but
+  # each device shard holds 2, so a process's local devices cannot split its batch.
+  with pytest.raises(ValueError, match="per-process batch 1"):
+    pipeline._check_batch(16, 16, sharding)
+  image_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+  assert pipeline._check_batch(16, 2, image_sharding) == 8
   with pytest.raises(ValueError, match="unknown dataset config"):
     pipeline.dataset_config("fashion_mnist_local", batch_size=3)

@@ -261,7 +261,7 @@ def _check_batch(global_batch_size: int, process_count: int, sharding=None) -> i
   local = global_batch_size // process_count
   if sharding is not None:
     try:
-      shard = sharding.shard_shape((global_batch_size,))[0]
+      shard = _batch_sharding(sharding, 1).shard_shape((global_batch_size,))[0]
     except ValueError as e:
       raise ValueError(
         f"global batch {global_batch_size} does not divide over the sharding's batch shards: {e}"
