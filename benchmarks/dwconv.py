@@ -52,9 +52,9 @@ def cases(model: str, kernel: int):
   return out
 
 
-def time_fn(fn, args, repeats: int) -> float:
-  """Median seconds of `repeats` calls after two warm-up calls."""
-  for _ in range(2):
+def time_fn(fn, args, repeats: int, warmup: int) -> float:
+  """Median seconds of `repeats` calls after `warmup` warm-up calls (the first compiles)."""
+  for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
@@ -64,7 +64,7 @@ def time_fn(fn, args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def bench_case(x_shape, k_shape, stride, dtype, repeats):
+def bench_case(x_shape, k_shape, stride, dtype, repeats, warmup):
   kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
   x = jax.random.normal(kx, x_shape, dtype)
   k = (0.02 * jax.random.normal(kk, k_shape)).astype(dtype)
@@ -81,7 +81,8 @@ def bench_case(x_shape, k_shape, stride, dtype, repeats):
       return y, vjp(g)
 
     result[name] = dict(
-      fwd_s=time_fn(fwd, (x, k), repeats), fwd_bwd_s=time_fn(jax.jit(fwd_bwd), (x, k, g), repeats)
+      fwd_s=time_fn(fwd, (x, k), repeats, warmup),
+      fwd_bwd_s=time_fn(jax.jit(fwd_bwd), (x, k, g), repeats, warmup),
     )
   n, ho, wo, cm = y_shape
   flops = 2 * k_shape[0] * k_shape[1] * n * ho * wo * cm
@@ -94,13 +95,17 @@ def main():
   parser.add_argument("--kernel", type=int, default=7)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--cases", default="", help="only cases whose name contains this")
   args = parser.parse_args()
   dtype = jnp.dtype(args.dtype)
 
   rows = []
   for model in args.models.split(","):
     for name, x_shape, k_shape, stride in cases(model, args.kernel):
-      flops, res = bench_case(x_shape, k_shape, stride, dtype, args.repeats)
+      if args.cases not in name:
+        continue
+      flops, res = bench_case(x_shape, k_shape, stride, dtype, args.repeats, args.warmup)
       row = dict(case=name, x=list(x_shape), kernel=list(k_shape), stride=stride, mflop=flops / 1e6)
       for impl, t in res.items():
         row[f"{impl}_fwd_ms"] = 1e3 * t["fwd_s"]
@@ -110,6 +115,10 @@ def main():
       row["speedup_fwd"] = res["lax"]["fwd_s"] / res["shift"]["fwd_s"]
       row["speedup_fwd_bwd"] = res["lax"]["fwd_bwd_s"] / res["shift"]["fwd_bwd_s"]
       rows.append(row)
+      print(
+        f"# {name}: lax/shift fwd {row['speedup_fwd']:.1f}x, fwd+bwd {row['speedup_fwd_bwd']:.1f}x",
+        flush=True,
+      )
 
   header = (
     f"{'case':<16}{'x':>20}{'M':>3}{'s':>3}{'lax fwd':>10}{'shift fwd':>10}{'x':>6}"
@@ -130,6 +139,8 @@ def main():
   summary = {}
   for model in args.models.split(","):
     mine = [r for r in rows if r["case"].startswith(model + "/")]
+    if not mine:
+      continue
     for key in ("fwd", "fwd_bwd"):
       lax_total = sum(r[f"lax_{key}_ms"] for r in mine)
       shift_total = sum(r[f"shift_{key}_ms"] for r in mine)
@@ -151,6 +162,7 @@ def main():
         dtype=args.dtype,
         kernel=args.kernel,
         repeats=args.repeats,
+        warmup=args.warmup,
         env=env,
         summary=summary,
         rows=rows,

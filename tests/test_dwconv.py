@@ -1,0 +1,166 @@
+"""Depthwise conv: the CPU shift-sum form (custom VJP) against lax's grouped convolution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from spikeatconv_jax.layers import dwconv
+
+
+def _inputs(x_shape, k_shape, dtype=jnp.float32, seed=0):
+  kx, kk, kg = jax.random.split(jax.random.PRNGKey(seed), 3)
+  x = jax.random.normal(kx, x_shape).astype(dtype)
+  k = jax.random.normal(kk, k_shape).astype(dtype)
+  return x, k, kg
+
+
+def _value_and_grads(impl, strides):
+  """(x, k, g) -> (y, dx, dk) for the cotangent g."""
+
+  def f(x, k, g):
+    y, vjp = jax.vjp(lambda x, k: impl(x, k, strides), x, k)
+    return (y, *vjp(g))
+
+  return f
+
+
+def _compare(x, k, kg, strides, atol, rtol):
+  y_shape = jax.eval_shape(lambda: dwconv.depthwise_conv2d_lax(x, k, strides)).shape
+  g = jax.random.normal(kg, y_shape).astype(x.dtype)
+  both = lambda *a: tuple(
+    _value_and_grads(impl, strides)(*a)
+    for impl in (dwconv.depthwise_conv2d_lax, dwconv.depthwise_conv2d_shift)
+  )
+  want, got = jax.jit(both)(x, k, g)  # one compile for both implementations
+  for name, w, o in zip(("y", "dx", "dk"), want, got):
+    assert o.shape == w.shape and o.dtype == w.dtype, name
+    np.testing.assert_allclose(
+      np.asarray(o, np.float32), np.asarray(w, np.float32), atol=atol, rtol=rtol, err_msg=name
+    )
+  return want, got
+
+
+# Each kernel size meets both strides and both multipliers; odd and even H and W both appear, so
+# both SAME padding splits (and, at stride 2, both phase counts of the input gradient) are covered.
+@pytest.mark.parametrize(
+  "kernel,stride,m,hw",
+  [
+    (3, 1, 1, (9, 8)),
+    (3, 2, 2, (8, 9)),
+    (5, 1, 2, (8, 9)),
+    (5, 2, 1, (9, 8)),
+    (7, 1, 1, (8, 9)),
+    (7, 2, 2, (9, 8)),
+  ],
+)
+def test_shift_matches_lax_float32(kernel, stride, m, hw):
+  x, k, kg = _inputs((2, *hw, 3), (kernel, kernel, 3, m))
+  (y, _, _), _ = _compare(x, k, kg, (stride, stride), atol=1e-4, rtol=1e-5)
+  assert y.shape == (2, -(-hw[0] // stride), -(-hw[1] // stride), 3 * m)
+
+
+@pytest.mark.parametrize(
+  "x_shape,kernel,strides",
+  [
+    ((3, 1, 1, 5), 7, (1, 1)),  # 1x1 map (nano stage 3): every tap but the centre reads padding
+    ((2, 2, 2, 4), 7, (2, 2)),  # nano stage-3 entry: 2x2 -> 1x1
+    ((2, 7, 6, 3), 1, (2, 2)),  # kernel smaller than the stride: some inputs get no gradient
+    ((1, 8, 9, 2), 3, (1, 2)),  # unequal strides
+  ],
+)
+def test_shift_matches_lax_edge_shapes(x_shape, kernel, strides):
+  x, k, kg = _inputs(x_shape, (kernel, kernel, x_shape[-1], 2), seed=1)
+  _compare(x, k, kg, strides, atol=1e-4, rtol=1e-5)
+
+
+def test_shift_bfloat16_close_to_float32():
+  """bf16 in, bf16 out; float32 accumulation keeps it within bf16 rounding of the f32 result."""
+  x, k, kg = _inputs((2, 9, 8, 4), (7, 7, 4, 2), jnp.bfloat16)
+  stride = 2
+  want, got = _compare(x, k, kg, (stride, stride), atol=0.25, rtol=0.05)  # vs lax in bf16
+  g = jax.random.normal(kg, want[0].shape).astype(jnp.bfloat16)
+  f32 = _value_and_grads(dwconv.depthwise_conv2d_lax, (stride,) * 2)(
+    x.astype(jnp.float32), k.astype(jnp.float32), g.astype(jnp.float32)
+  )
+  for name, o, r in zip(("y", "dx", "dk"), got, f32):
+    assert o.dtype == jnp.bfloat16
+    r = np.asarray(r)
+    # One bf16 rounding of the result: relative 2^-8, plus slack for values near zero.
+    np.testing.assert_allclose(
+      np.asarray(o, np.float32), r, rtol=2**-7, atol=2**-7 * np.abs(r).max(), err_msg=name
+    )
+
+
+def test_shift_numerical_gradients():
+  x, k, _ = _inputs((1, 5, 4, 2), (3, 3, 2, 2))
+  check_grads(
+    lambda x, k: dwconv.depthwise_conv2d_shift(x, k, (2, 2)), (x, k), order=1, modes="rev"
+  )
+  check_grads(
+    lambda x, k: dwconv.depthwise_conv2d_shift(x, k, (1, 1)), (x, k), order=1, modes="rev"
+  )
+
+
+def test_shift_under_vmap_and_checkpoint():
+  x, k, _ = _inputs((3, 2, 7, 6, 4), (5, 5, 4, 1))  # leading axis mapped by vmap
+  k2 = jax.random.normal(jax.random.PRNGKey(7), (3, 3, 4, 2))
+
+  def loss(impl, x, k, k2):
+    # Two uses of the conv inside one rematerialised function.
+    @jax.checkpoint
+    def body(x):
+      y = jax.nn.gelu(impl(x, k, (1, 1)))
+      return impl(y, k2, (2, 2))
+
+    return jnp.sum(jnp.sin(jax.vmap(body)(x)))
+
+  grad = lambda impl: jax.jit(jax.grad(lambda *a: loss(impl, *a), argnums=(0, 1, 2)))(x, k, k2)
+  for w, o in zip(grad(dwconv.depthwise_conv2d_lax), grad(dwconv.depthwise_conv2d_shift)):
+    np.testing.assert_allclose(o, w, atol=1e-4, rtol=1e-4)
+
+
+def test_module_params_and_dispatch(monkeypatch):
+  module = dwconv.DepthwiseConv(kernel_size=7, multiplier=2, strides=2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+  variables = module.init(jax.random.PRNGKey(1), x)
+  params = variables["params"]
+  assert set(params) == {"kernel", "bias"}
+  assert params["kernel"].shape == (7, 7, 3, 2) and params["bias"].shape == (6,)
+  params = {"kernel": params["kernel"], "bias": jnp.arange(6.0)}
+  want = dwconv.depthwise_conv2d_lax(x, params["kernel"], (2, 2)) + jnp.arange(6.0)
+
+  assert jax.default_backend() == "cpu" and dwconv.implementation() in ("shift", "lax")
+  outs = {}
+  try:
+    for name in ("lax", "shift"):
+      dwconv.set_implementation(name)
+      assert dwconv.implementation() == name
+      outs[name] = module.apply({"params": params}, x)
+    dwconv.set_implementation(None)
+    monkeypatch.setenv(dwconv.ENV_VAR, "auto")
+    assert dwconv.implementation() == "shift"  # the CPU default
+    monkeypatch.setenv(dwconv.ENV_VAR, "lax")
+    assert dwconv.implementation() == "lax"
+    monkeypatch.setenv(dwconv.ENV_VAR, "cudnn")
+    with pytest.raises(ValueError, match="SPIKEATCONV_DWCONV"):
+      dwconv.implementation()
+    with pytest.raises(ValueError, match="unknown depthwise conv implementation"):
+      dwconv.set_implementation("fft")
+  finally:
+    dwconv.set_implementation(None)
+  for out in outs.values():
+    assert out.shape == (2, 4, 4, 6)
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+  assert not np.allclose(outs["shift"], 0.0)
+
+
+def test_bad_inputs_raise():
+  x = jnp.zeros((1, 4, 4, 3))
+  with pytest.raises(ValueError, match="3 channels"):
+    dwconv.depthwise_conv2d_shift(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 3, 1)))
+  with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
+    dwconv.depthwise_conv2d(x[0], jnp.zeros((3, 3, 3, 1)))
+  with pytest.raises(ValueError, match="strides"):
+    dwconv.depthwise_conv2d_shift(x, jnp.zeros((3, 3, 3, 1)), (0, 1))
