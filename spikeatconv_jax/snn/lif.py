@@ -66,14 +66,17 @@ def _forward(x, p: LIFParams):
   """Returns (spikes [T, ...] in x.dtype, pre-spike potentials H [T, ...] float32)."""
 
   def step(v, xt):
-    h = _charge(v, xt.astype(jnp.float32), p)
+    h = _charge(v, xt, p)
     s = heaviside(h - p.v_threshold)
     return _reset(h, s, p), (s.astype(x.dtype), h)
 
+  # Upcast the whole input once, before slicing it into steps: with per-step converts of
+  # bf16 slices, XLA:CPU copies every slice x[t] into its own buffer first (an extra pass).
+  xf = x.astype(jnp.float32)
   if x.shape[0] == 1:  # no scan at T=1 (DESIGN.md §2)
-    _, (s, h) = step(_v0(x, p), x[0])
+    _, (s, h) = step(_v0(x, p), xf[0])
     return s[None], h[None]
-  _, (s, h) = lax.scan(step, _v0(x, p), x, unroll=_unroll(x.shape[0]))
+  _, (s, h) = lax.scan(step, _v0(x, p), xf, unroll=_unroll(x.shape[0]))
   return s, h
 
 
