@@ -236,7 +236,12 @@ def test_batch_size_errors(cfg):
   mesh = jax.make_mesh((8,), ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   with pytest.raises(ValueError, match="does not divide"):
-    next(pipeline.train_iterator(cfg, global_batch_size=12, sharding=sharding, seed=0))
+    pipeline.train_iterator(cfg, global_batch_size=12, sharding=sharding, seed=0)
+  with pytest.raises(ValueError, match="does not divide"):
+    pipeline.eval_iterator(cfg, split="test", global_batch_size=12, sharding=sharding)
+  bad_op = pipeline.dataset_config(**{**cfg.to_dict(), "pp_train": "decode|nope"})
+  with pytest.raises(ValueError, match="unknown preprocessing op 'nope'"):
+    pipeline.train_iterator(bad_op, global_batch_size=8, sharding=sharding, seed=0)
   with pytest.raises(ValueError, match="processes"):
     pipeline._check_batch(10, 4)
   # 16 processes (simulated) with the 8-device batch sharding: 1 example per process, but

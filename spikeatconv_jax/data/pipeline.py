@@ -400,10 +400,18 @@ def _to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   }
 
 
+def _global_batches(ds: tf.data.Dataset, sharding) -> Iterator[dict[str, jax.Array]]:
+  for batch in tfds.as_numpy(ds):
+    yield _to_global(batch, sharding)
+
+
 def train_iterator(
   dataset_cfg, *, global_batch_size: int, sharding, seed: int, start_step: int = 0
 ) -> Iterator[dict[str, jax.Array]]:
-  """Infinite iterator of global training batches; step N's batch only depends on (seed, N)."""
+  """Infinite iterator of global training batches; step N's batch only depends on (seed, N).
+
+  Bad batch sizes, unknown ops and unprepared datasets raise here, before any iteration.
+  """
   local = _check_batch(global_batch_size, jax.process_count(), sharding)
   ds = train_dataset(
     dataset_cfg,
@@ -413,8 +421,7 @@ def train_iterator(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  for batch in tfds.as_numpy(ds):
-    yield _to_global(batch, sharding)
+  return _global_batches(ds, sharding)
 
 
 def eval_iterator(
@@ -429,5 +436,4 @@ def eval_iterator(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  for batch in tfds.as_numpy(ds):
-    yield _to_global(batch, sharding)
+  return _global_batches(ds, sharding)
