@@ -11,14 +11,15 @@ Public API (the contract the training code uses):
 Each process reads its own disjoint part of the split (`tfds.even_splits` by process index).
 
 Determinism and resume. The training stream of one process is the concatenation of epochs;
-epoch e is the process's shard, read in a fixed order, numbered 0..n-1 and shuffled with a
-buffer seeded by (seed, process, e). Each element's augmentation seed is derived from (seed,
-process, e, example number), so it does not depend on when or where the element is processed.
-Step s consumes stream elements [s*b, (s+1)*b) for the per-process batch b, so
-``start_step=N`` starts at epoch ``N*b // n`` and skips ``N*b % n`` raw (undecoded) records of
-it: the batches equal those of an uninterrupted run from step N on. The skip reads records it
-throws away: negligible for Fashion-MNIST/CIFAR, and for ImageNet up to one epoch of one
-process's records read from disk (no decoding) at start-up.
+epoch e is the process's shard, its n examples numbered in the stored order, shuffled with a
+seed derived from (seed, process, e): an exact permutation when ``cache=True`` (records held in
+memory), else a seeded shuffle buffer over the stored order. Each element's augmentation seed
+is derived from (seed, process, e, example number), so it does not depend on when or where the
+element is processed. Step s consumes stream elements [s*b, (s+1)*b) for the per-process batch
+b, so ``start_step=N`` starts at epoch ``N*b // n``, position ``N*b % n``: the batches equal
+those of an uninterrupted run from step N on. With ``cache=True`` the skip is free; without,
+it reads (without decoding) the records it skips, for ImageNet up to one epoch of one
+process's records at start-up.
 """
 
 from __future__ import annotations
