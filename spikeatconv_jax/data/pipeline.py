@@ -139,26 +139,32 @@ def prepare(cfg) -> tfds.core.DatasetBuilder:
   if builder.is_prepared():
     return builder
   source_dir = cfg.get("source_dir")
-  if source_dir and not os.path.isdir(os.path.expanduser(source_dir)):
+  source_dir = os.path.expanduser(source_dir) if source_dir else None
+  if source_dir and not tf.io.gfile.isdir(source_dir):
     if cfg.name == "fashion_mnist_local":
       raise FileNotFoundError(fashion_mnist.missing_source_message(source_dir))
     raise FileNotFoundError(f"dataset.source_dir {source_dir!r} (manual_dir) does not exist")
+
+  def build():
+    builder = tfds.builder(cfg.name, data_dir=_data_dir(cfg))  # Re-read: another may have won.
+    if not builder.is_prepared():
+      tfds.display_progress_bar(False)
+      builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=source_dir, try_download_gcs=False)
+      )
+
   root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))  # .../<name>/<version>
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, f".{cfg.name}.prepare.lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      builder = tfds.builder(cfg.name, data_dir=_data_dir(cfg))  # Re-read: another may have won.
-      if not builder.is_prepared():
-        tfds.display_progress_bar(False)
-        builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(
-            manual_dir=os.path.expanduser(source_dir) if source_dir else None,
-            try_download_gcs=False,
-          )
-        )
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
+  if "://" in root:
+    # Remote storage (gs://...) has no file locks: prepare it ahead of time from one process.
+    build()
+  else:
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{cfg.name}.prepare.lock"), "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      try:
+        build()
+      finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
   return tfds.builder(cfg.name, data_dir=_data_dir(cfg))
 
 
