@@ -171,9 +171,12 @@ def test_normalize_values():
   image = np.full([2, 2, 3], 255, np.uint8)
   out = run("normalize('imagenet')", image).numpy()
   mean, std = ops.MEAN_STD["imagenet"]
-  np.testing.assert_allclose(out[0, 0], (1 - np.array(mean)) / np.array(std), rtol=1e-6)
+  np.testing.assert_allclose(out[0, 0], (1 - np.array(mean)) / np.array(std), rtol=1e-5)
   out = run("normalize((0.5,), (0.25,))", np.zeros([2, 2, 1], np.uint8)).numpy()
-  np.testing.assert_allclose(out, -2.0)
+  np.testing.assert_allclose(out, -2.0, rtol=1e-6)
+  out = run("normalize('cifar100')", np.full([2, 2, 3], 77, np.uint8)).numpy()
+  mean, std = ops.MEAN_STD["cifar100"]
+  np.testing.assert_allclose(out[1, 1], (77 / 255 - np.array(mean)) / np.array(std), rtol=1e-5)
   with pytest.raises(ValueError, match="channel statistics"):
     run("normalize('cifar100')", np.zeros([2, 2, 1], np.uint8))
 
