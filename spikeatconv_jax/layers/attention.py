@@ -152,8 +152,7 @@ class Attention(nn.Module):
     "k": "spk_in",
     "v": "spk_in",
     "proj": "spk_out",
-    "core": "attention",
-  }
+  }  # the attention core's q/k/v sites are read by name in energy.py
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:

@@ -1,0 +1,177 @@
+"""Model throughput: forward and train-step images/s, compile time and memory, per setting.
+
+  .venv/bin/python benchmarks/model.py --variant nano --timesteps 1,2 --batch 8
+  .venv/bin/python benchmarks/model.py --variant tiny --timesteps 1,2 --batch 8 --repeats 3
+
+Settings: every combination of --timesteps and --nets ("mbpl/sisa" = spiking MBPL + SISA,
+"none/softmax" = the spike-free net). Image size and partition default per variant: nano 32 px
+with P=4 (stage maps 8/4/2/1), tiny/base/large 224 px with P=7.
+
+Per setting: the jitted forward (train=False) and train step (forward + backward + optax.adamw,
+train=True with drop-path and BN updates) are lowered and compiled (timed separately), warmed up
+once, then timed `--repeats` times; images/s uses the median. Memory is XLA's compiled
+`memory_analysis()`: arguments + outputs + temporaries (a peak estimate; aliasing not subtracted).
+
+Prints a readable table and then ONE JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs.common import model_config  # noqa: E402
+from spikeatconv_jax import models  # noqa: E402
+from spikeatconv_jax.layers import dwconv  # noqa: E402
+
+DEFAULT_SIZE = {"nano": (32, 4), "tiny": (224, 7), "base": (224, 7), "large": (224, 7)}
+
+
+def _mem_mb(compiled) -> float | None:
+  try:
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+    return total / 2**20
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return None
+
+
+def _time(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def run_setting(args, t: int, net: str) -> dict:
+  spk, att = net.split("/")
+  size, p = DEFAULT_SIZE[args.variant]
+  size = args.image_size or size
+  cfg = model_config(
+    variant=args.variant, spk=spk, attention=att, num_classes=args.classes, timesteps=t
+  )
+  cfg.attention.partition = args.partition or p
+  cfg.dtype = args.dtype
+  cfg.remat = args.remat
+  models.validate(cfg, size)
+  model = models.build(cfg)
+  b = args.batch
+  images = jax.random.normal(jax.random.PRNGKey(0), (b, size, size, 3))
+  labels = jax.random.randint(jax.random.PRNGKey(1), (b,), 0, args.classes)
+  # An rbg key: the jitted init (a full forward plus every initializer) compiles ~2x faster than
+  # with threefry, and the parameter values do not affect throughput.
+  init_key = jax.random.key(2, impl="unsafe_rbg")
+  variables = jax.jit(lambda x: model.init(init_key, x, train=False))(images)
+  params, stats = variables["params"], variables.get("batch_stats", {})
+  tx = optax.adamw(1e-3, weight_decay=0.05)
+  opt_state = tx.init(params)
+
+  def forward(params, stats, x):
+    return model.apply({"params": params, "batch_stats": stats}, x, train=False)
+
+  def train_step(params, stats, opt_state, x, y, rng):
+    def loss_fn(p):
+      logits, mut = model.apply(
+        {"params": p, "batch_stats": stats},
+        x,
+        train=True,
+        rngs={"dropout": rng},
+        mutable=["batch_stats", "spikes"],
+      )
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, mut["batch_stats"]
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
+  out = dict(
+    variant=args.variant,
+    net=net,
+    timesteps=t,
+    image_size=size,
+    partition=cfg.attention.partition,
+    batch=b,
+    dtype=args.dtype,
+    remat=args.remat,
+    dwconv=dwconv.implementation() if hasattr(dwconv, "implementation") else "lax",
+  )
+  t0 = time.perf_counter()
+  fwd = jax.jit(forward).lower(params, stats, images).compile()
+  out["fwd_compile_s"] = time.perf_counter() - t0
+  out["fwd_mem_mb"] = _mem_mb(fwd)
+  jax.block_until_ready(fwd(params, stats, images))
+  out["fwd_img_s"] = b / _time(lambda: fwd(params, stats, images), args.repeats)
+
+  rng = jax.random.PRNGKey(3)
+  t0 = time.perf_counter()
+  step = jax.jit(train_step).lower(params, stats, opt_state, images, labels, rng).compile()
+  out["train_compile_s"] = time.perf_counter() - t0
+  out["train_mem_mb"] = _mem_mb(step)
+  jax.block_until_ready(step(params, stats, opt_state, images, labels, rng))
+  out["train_img_s"] = b / _time(
+    lambda: step(params, stats, opt_state, images, labels, rng), args.repeats
+  )
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--variant", default="nano", choices=sorted(DEFAULT_SIZE))
+  ap.add_argument("--timesteps", default="1,2", help="comma-separated T values")
+  ap.add_argument("--nets", default="mbpl/sisa,none/softmax", help="comma-separated spk/attention")
+  ap.add_argument("--image-size", type=int, default=None, help="default: per variant")
+  ap.add_argument("--partition", type=int, default=None, help="default: per variant")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--classes", type=int, default=1000)
+  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--repeats", type=int, default=5)
+  args = ap.parse_args()
+
+  rows = []
+  for net in args.nets.split(","):
+    for t in (int(v) for v in args.timesteps.split(",")):
+      rows.append(run_setting(args, t, net))
+      print(f"done {net} T={t}", file=sys.stderr, flush=True)
+
+  def f(v, spec):
+    return "-" if v is None else format(v, spec)
+
+  print(
+    f"{'variant':<7} {'net':<13} {'T':>2} {'px':>4} {'B':>3} {'fwd img/s':>9} {'fwd comp s':>10} "
+    f"{'fwd MB':>8} {'train img/s':>11} {'train comp s':>12} {'train MB':>9}"
+  )
+  for r in rows:
+    print(
+      f"{r['variant']:<7} {r['net']:<13} {r['timesteps']:>2} {r['image_size']:>4} "
+      f"{r['batch']:>3} {f(r['fwd_img_s'], '.1f'):>9} {f(r['fwd_compile_s'], '.1f'):>10} "
+      f"{f(r['fwd_mem_mb'], '.0f'):>8} {f(r['train_img_s'], '.2f'):>11} "
+      f"{f(r['train_compile_s'], '.1f'):>12} {f(r['train_mem_mb'], '.0f'):>9}"
+    )
+  print(
+    json.dumps(
+      dict(
+        benchmark="model",
+        backend=jax.default_backend(),
+        devices=jax.device_count(),
+        load_avg=os.getloadavg(),
+        rows=rows,
+      )
+    )
+  )
+
+
+if __name__ == "__main__":
+  main()
