@@ -121,8 +121,8 @@ def main():
       )
 
   header = (
-    f"{'case':<16}{'x':>20}{'M':>3}{'s':>3}{'lax fwd':>10}{'shift fwd':>10}{'x':>6}"
-    f"{'lax f+b':>10}{'shift f+b':>10}{'x':>6}{'lax GF/s':>10}{'shift GF/s':>11}"
+    f"{'case':<16}{'x':>20}{'M':>3}{'s':>3}{'lax fwd':>10}{'shift fwd':>10}{'x':>8}"
+    f"{'lax f+b':>10}{'shift f+b':>10}{'x':>8}{'lax GF/s':>10}{'shift GF/s':>11}"
   )
   print(
     f"depthwise conv, kernel {args.kernel}, {args.dtype}, ms = median of {args.repeats}; "
@@ -132,8 +132,8 @@ def main():
   for r in rows:
     print(
       f"{r['case']:<16}{'x'.join(map(str, r['x'])):>20}{r['kernel'][3]:>3}{r['stride']:>3}"
-      f"{r['lax_fwd_ms']:>10.2f}{r['shift_fwd_ms']:>10.2f}{r['speedup_fwd']:>6.1f}"
-      f"{r['lax_fwd_bwd_ms']:>10.2f}{r['shift_fwd_bwd_ms']:>10.2f}{r['speedup_fwd_bwd']:>6.1f}"
+      f"{r['lax_fwd_ms']:>10.2f}{r['shift_fwd_ms']:>10.2f}{r['speedup_fwd']:>8.1f}"
+      f"{r['lax_fwd_bwd_ms']:>10.2f}{r['shift_fwd_bwd_ms']:>10.2f}{r['speedup_fwd_bwd']:>8.1f}"
       f"{r['lax_fwd_bwd_gflops']:>10.2f}{r['shift_fwd_bwd_gflops']:>11.2f}"
     )
   summary = {}
