@@ -10,11 +10,12 @@ Two implementations compute the same function:
   which would dominate every ConvNeXt block of a CPU run.
 - `depthwise_conv2d_shift`: the sum over the kh*kw kernel offsets of (strided) slices of the padded
   input times per-channel weights. XLA fuses the whole sum into one vectorised loop. Its gradient is
-  a `custom_vjp`: the input gradient is the same shift-sum with the flipped kernel over the (for
-  stride > 1, zero-dilated) padded cotangent; the kernel gradient is one reduction over N, H', W'
-  per kernel offset. Autodiff of the slices would instead build kh*kw padded copies of the
-  cotangent. All products are accumulated in float32 and the result is cast back to the input
-  dtype (so bfloat16 inputs lose no precision in the 49-term sums or the N*H*W reductions).
+  a `custom_vjp`: the input gradient is the same shift-sum with the flipped kernel over the padded
+  cotangent (for stride > 1, split by input phase p mod s, each phase using every s-th kernel
+  tap); the kernel gradient is one reduction over N, H', W' per kernel offset. Autodiff of the
+  slices would instead build kh*kw padded copies of the cotangent. All products are accumulated
+  in float32 and the result is cast back to the input dtype (so bfloat16 inputs lose no precision
+  in the 49-term sums or the N*H*W reductions).
 
 `depthwise_conv2d` uses the shift form when `jax.default_backend() == "cpu"` and lax's grouped
 convolution otherwise. Override with `set_implementation("lax" | "shift" | "auto")` or the env
