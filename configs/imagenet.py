@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     "decode_jpeg_and_inception_crop(224)|flip_lr|autoaugment|normalize('imagenet')"
     "|random_erase(0.25)"
   )
-  config.dataset.pp_eval = "decode|resize_small(236)|central_crop(224)|normalize('imagenet')"
+  config.dataset.pp_eval = "decode|resize_small(235)|central_crop(224)|normalize('imagenet')"
   config.dataset.shuffle_buffer = 250_000
   config.dataset.cache = False
   config.dataset.prefetch = 2
