@@ -61,6 +61,7 @@ def _checkpoint_steps(workdir):
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_usable_checkpoint(tmp_path):
   root = str(tmp_path)
   cfg = train_utils.write_config_file(root, total_steps=1000, checkpoint_every_steps=1000)
@@ -106,9 +107,10 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_single_process_eval(tmp_path):
   root = str(tmp_path)
-  cfg = train_utils.write_config_file(root, total_steps=2)
+  cfg = train_utils.write_config_file(root, total_steps=2, warmup_epochs=0.1)
   workdir = os.path.join(root, "run")
   port = _free_port()
   env = train_utils.subprocess_env(num_devices=4)

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import train_utils
 
 from spikeatconv_jax import models, optim, sharding
@@ -35,6 +36,7 @@ def _run(config, model, devices, steps=2, image_shape=(32, 32, 1)):
   return jax.device_get(state), losses, jax.device_get(m)
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight_devices(tmp_path):
   # Tolerance: the 8-way program reduces BatchNorm statistics and gradients in another order,
   # so values differ by float32 rounding (~1e-7 relative). Adam's first steps divide by
