@@ -144,7 +144,8 @@ def main():
   for net in args.nets.split(","):
     for t in (int(v) for v in args.timesteps.split(",")):
       rows.append(run_setting(args, t, net))
-      print(f"done {net} T={t}", file=sys.stderr, flush=True)
+      # Each row as soon as it is measured (stderr), so a run cut short still leaves numbers.
+      print(f"row {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
 
   def f(v, spec):
     return "-" if v is None else format(v, spec)
