@@ -216,10 +216,11 @@ def report(
       # Layers inside an SPK block: MBPL merge convs see branch k's spikes; the DCL convs and
       # the ConvNeXt merge's linears see real values.
       site = _path(parent)
-      if local.startswith("merge_dw"):
-        k = int(local[len("merge_dw") :])
-        fr = float(_branch_rates(site, rates, spks[site]["branches"])[k])
-        add(layer["name"], layer["op"], macs, f"{site}[{k}]", AC_T, fr, macs * fr)
+      if local == "merge_dw":
+        # One depthwise conv over the K branches' spikes stacked on channels: each branch's
+        # 1/K of the MACs runs at that branch's rate, i.e. macs * mean_k(fr_k) ACs per step.
+        fr = float(_branch_rates(site, rates, spks[site]["branches"]).mean())
+        add(layer["name"], layer["op"], macs, f"{site}[all branches]", AC_T, fr, macs * fr)
       else:
         add(layer["name"], layer["op"], macs, f"{site} (real input)", MAC_T, None, None)
       continue

@@ -103,8 +103,12 @@ def test_mbpl_counting_rules():
   cfg = _nano8("mbpl")
   rows = {r["name"]: r for r in energy.report(cfg, 8)["rows"]}
   assert rows["stage0/block0/conv/fc1"]["counted_as"] == energy.MAC_T
-  merge = rows["stage0/block0/conv/spk_dw/merge_dw1"]
+  merge = rows["stage0/block0/conv/spk_dw/merge_dw"]
   assert merge["counted_as"] == energy.AC_T and merge["rate"] == energy.DEFAULT_RATE
+  rates = {s: np.asarray([[0.4] * 2, [0.2] * 2, [0.1] * 2, [0.1] * 2]) for s in _sites(cfg)}
+  merge = {r["name"]: r for r in energy.report(cfg, 8, rates)["rows"]}[merge["name"]]
+  assert merge["rate"] == pytest.approx(0.2)  # mean over the four stacked branches
+  assert merge["ops"] == pytest.approx(2 * 0.2 * merge["dense_macs"])
 
 
 def test_default_rate_is_stated_and_missing_sites_fail():

@@ -188,17 +188,15 @@ class SPK(nn.Module):
     if x.ndim != 5:
       raise ValueError(f"MBPL merge {self.mbpl_merge!r} needs [T, B, H, W, C], got {x.shape}")
     t, b, h, w, c = x.shape
-    # One depthwise 7x7 per branch, summed: a grouped conv K*C -> C with groups=C.
-    z = None
-    for k, s in enumerate(spikes):
-      zk = DepthwiseConv(
-        7,
-        use_bias=(k == 0),
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        name=f"merge_dw{k}",
-      )(s.reshape(t * b, h, w, c))
-      z = zk if z is None else z + zk
+    # Z = Σ_k DW7_k(S_k): one depthwise 7x7 over the K branches stacked on channels
+    # (channel k*C + c), then summed over k. This is the grouped conv K*C -> C with groups=C of
+    # DESIGN.md §3 as a single op, so the graph holds one conv per site instead of K.
+    stacked = jnp.concatenate(spikes, axis=-1).reshape(t * b, h, w, len(spikes) * c)
+    z = DepthwiseConv(
+      7, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_dw"
+    )(stacked)
+    z = z.reshape(t * b, h, w, len(spikes), c).sum(axis=3)
+    z = z + self.param("merge_bias", nn.initializers.zeros, (c,), self.param_dtype).astype(z.dtype)
     if self.mbpl_merge == "convnext":
       z = nn.LayerNorm(
         epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_ln0"
