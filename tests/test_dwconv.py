@@ -140,7 +140,9 @@ def test_module_params_and_dispatch(monkeypatch):
       outs[name] = module.apply({"params": params}, x)
     dwconv.set_implementation(None)
     monkeypatch.setenv(dwconv.ENV_VAR, "auto")
-    assert dwconv.implementation() == "shift"  # the CPU default
+    assert dwconv.implementation() == "shift"  # the CPU default for large maps
+    assert dwconv.implementation((16, 16)) == "shift"
+    assert dwconv.implementation((8, 8)) == "lax"  # small maps: lax (graph size, compile time)
     monkeypatch.setenv(dwconv.ENV_VAR, "lax")
     assert dwconv.implementation() == "lax"
     monkeypatch.setenv(dwconv.ENV_VAR, "cudnn")
