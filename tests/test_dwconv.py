@@ -142,7 +142,7 @@ def test_module_params_and_dispatch(monkeypatch):
     monkeypatch.setenv(dwconv.ENV_VAR, "auto")
     assert dwconv.implementation() == "shift"  # the CPU default for large maps
     assert dwconv.implementation((16, 16)) == "shift"
-    assert dwconv.implementation((8, 8)) == "lax"  # small maps: lax (graph size, compile time)
+    assert dwconv.implementation((8, 8)) == "matmul"  # small maps: Toeplitz matmul
     monkeypatch.setenv(dwconv.ENV_VAR, "lax")
     assert dwconv.implementation() == "lax"
     monkeypatch.setenv(dwconv.ENV_VAR, "cudnn")
@@ -166,3 +166,29 @@ def test_bad_inputs_raise():
     dwconv.depthwise_conv2d(x[0], jnp.zeros((3, 3, 3, 1)))
   with pytest.raises(ValueError, match="strides"):
     dwconv.depthwise_conv2d_shift(x, jnp.zeros((3, 3, 3, 1)), (0, 1))
+
+
+@pytest.mark.parametrize(
+  "h,w,k,s,m",
+  [
+    (8, 8, 7, 1, 1),
+    (8, 8, 7, 2, 2),
+    (7, 5, 3, 2, 1),
+    (4, 4, 7, 1, 1),
+    (1, 1, 7, 2, 2),
+    (9, 6, 5, 1, 2),
+  ],
+)
+def test_matmul_form_equals_lax(h, w, k, s, m):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, h, w, 4))
+  kern = jax.random.normal(jax.random.PRNGKey(1), (k, k, 4, m))
+  want = dwconv.depthwise_conv2d_lax(x, kern, (s, s))
+  got = dwconv.depthwise_conv2d_matmul(x, kern, (s, s))
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  g = jax.random.normal(jax.random.PRNGKey(2), want.shape)
+  grads = [
+    jax.grad(lambda a, b, f=f: jnp.sum(f(a, b, (s, s)) * g), (0, 1))(x, kern)
+    for f in (dwconv.depthwise_conv2d_lax, dwconv.depthwise_conv2d_matmul)
+  ]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(b, a, atol=1e-4)
