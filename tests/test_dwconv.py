@@ -141,7 +141,8 @@ def test_module_params_and_dispatch(monkeypatch):
     dwconv.set_implementation(None)
     monkeypatch.setenv(dwconv.ENV_VAR, "auto")
     assert dwconv.implementation() == "shift"  # the CPU default for large maps
-    assert dwconv.implementation((16, 16)) == "shift"
+    assert dwconv.implementation((28, 28)) == "shift"
+    assert dwconv.implementation((16, 16)) == "matmul"
     assert dwconv.implementation((8, 8)) == "matmul"  # small maps: Toeplitz matmul
     monkeypatch.setenv(dwconv.ENV_VAR, "lax")
     assert dwconv.implementation() == "lax"
