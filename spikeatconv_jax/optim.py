@@ -38,7 +38,7 @@ _REL_POS = re.compile(r"rel(ative)?_?(pos|position|bias)|relative", re.IGNORECAS
 
 def decays(path: tuple[str, ...]) -> bool:
   """Whether the parameter at `path` (its names from the root) gets weight decay."""
-  if path[-1] in _NO_DECAY_LEAVES or path[-1].endswith("_gamma"):
+  if path[-1] in _NO_DECAY_LEAVES or path[-1].endswith(("_gamma", "_bias")):
     return False
   return not any(_REL_POS.search(name) for name in path)
 

@@ -30,7 +30,7 @@ PARAMS = {
         "rel_pos": {"table": jnp.ones((3, 3))},
       },
       "ls": {"gamma": jnp.ones(4)},
-      "spk": {"merge_gamma": jnp.ones(4)},
+      "spk": {"merge_gamma": jnp.ones(4), "merge_bias": jnp.ones(4)},
       "ln": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
       "dw": {"kernel": jnp.ones((7, 7, 4, 1))},
     }
@@ -64,7 +64,7 @@ def test_mask_on_the_nano_model():
   mask = flax.traverse_util.flatten_dict(optim.weight_decay_mask(shapes))
   flat = flax.traverse_util.flatten_dict(shapes)
   for path, decay in mask.items():
-    if path[-1] in ("bias", "scale", "gamma", "merge_gamma") or "rel_pos" in path:
+    if path[-1] in ("bias", "scale", "gamma", "merge_gamma", "merge_bias") or "rel_pos" in path:
       assert not decay, path
     else:
       # Everything else is a weight matrix or conv kernel (at least 2-D).
