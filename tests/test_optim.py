@@ -49,9 +49,9 @@ DECAYED = {
 def test_mask_excludes_exactly_biases_norms_layer_scales_rel_pos():
   mask = flax.traverse_util.flatten_dict(optim.weight_decay_mask(PARAMS))
   assert {p for p, m in mask.items() if m} == DECAYED
-  assert len(mask) == 14
+  assert len(mask) == 15
   everything = flax.traverse_util.flatten_dict(optim.weight_decay_mask(PARAMS, exclude=False))
-  assert all(everything.values()) and len(everything) == 14
+  assert all(everything.values()) and len(everything) == 15
 
 
 def test_mask_on_the_nano_model():
