@@ -18,7 +18,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from spikeatconv_jax.train import cli  # noqa: E402
@@ -38,18 +38,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   FLAGS = flags.FLAGS
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.INFO)  # the progress lines are INFO
-  cli.init_distributed(
-    FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-  )
+  cli.start(argv, FLAGS)
   import jax
-  import tensorflow as tf
-
-  tf.config.set_visible_devices([], "GPU")  # keep tf.data off the accelerators
 
   from spikeatconv_jax import metrics
   from spikeatconv_jax.train import evaluate

@@ -41,6 +41,24 @@ def init_distributed(mode: str, coordinator_address, num_processes, process_id) 
   )  # fmt: skip
 
 
+def start(argv, flag_values) -> None:
+  """Common start of train.py and eval.py: argument check, INFO logging unless
+  --verbosity was given, multi-host initialisation, and TensorFlow kept off the accelerators."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flag_values["verbosity"].present:
+    logging.set_verbosity(logging.INFO)  # the progress lines are INFO
+  init_distributed(
+    flag_values.distributed,
+    flag_values.coordinator_address,
+    flag_values.num_processes,
+    flag_values.process_id,
+  )
+  import tensorflow as tf
+
+  tf.config.set_visible_devices([], "GPU")  # keep tf.data off the accelerators
+
+
 def one_line(e: BaseException) -> str:
   """The gist of a flags/config error on one line: its first line, plus the final cause when
   the message embeds a traceback (config files that raise while being parsed)."""
