@@ -72,7 +72,8 @@ def test_shift_matches_lax_float32(kernel, stride, m, hw):
 )
 def test_shift_matches_lax_edge_shapes(x_shape, kernel, strides):
   x, k, kg = _inputs(x_shape, (kernel, kernel, x_shape[-1], 2), seed=1)
-  _compare(x, k, kg, strides, atol=1e-4, rtol=1e-5)
+  _, (y, dx, dk) = _compare(x, k, kg, strides, atol=1e-4, rtol=1e-5)  # asserts shift == lax
+  assert dx.shape == x.shape and dk.shape == k.shape and y.shape[-1] == 2 * x_shape[-1]
 
 
 def test_shift_bfloat16_close_to_float32():
