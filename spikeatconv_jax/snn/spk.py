@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from spikeatconv_jax.layers import common
 from spikeatconv_jax.layers.dwconv import DepthwiseConv
 from spikeatconv_jax.snn.lif import lif_multistep
 
@@ -154,25 +155,9 @@ class SPK(nn.Module):
       xf = x.reshape(t * b, h, w, c)
       outs = []
       for i, k in enumerate((3, 5)):
-        z = nn.Conv(
-          c // 2,
-          (k, k),
-          padding="SAME",
-          use_bias=True,
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          kernel_init=nn.initializers.truncated_normal(0.02),
-          name=f"conv{k}x{k}",
-        )(xf)
+        z = common.conv(c // 2, k, use_bias=True, dtype=self.dtype, name=f"conv{k}x{k}")(xf)
         if self.dcl_norm:
-          z = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=f"bn{k}x{k}",
-          )(z)
+          z = common.batch_norm(train=train, dtype=self.dtype, name=f"bn{k}x{k}")(z)
         outs.append(self._lif(z.reshape(t, b, h, w, c // 2).astype(dtype), th[i]))
       self._sow_rates(outs)
       return jnp.concatenate(outs, axis=-1)
@@ -198,16 +183,12 @@ class SPK(nn.Module):
     z = z.reshape(t * b, h, w, len(spikes), c).sum(axis=3)
     z = z + self.param("merge_bias", nn.initializers.zeros, (c,), self.param_dtype).astype(z.dtype)
     if self.mbpl_merge == "convnext":
-      z = nn.LayerNorm(
-        epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_ln0"
-      )(z)
+      z = common.layer_norm(dtype=self.dtype, name="merge_ln0")(z)
       z = nn.Dense(4 * c, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_fc1")(z)
       z = nn.gelu(z, approximate=False)
       z = nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_fc2")(z)
     else:
-      z = nn.LayerNorm(
-        epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_ln"
-      )(z)
+      z = common.layer_norm(dtype=self.dtype, name="merge_ln")(z)
     gamma = self.param("merge_gamma", nn.initializers.constant(1e-6), (c,), self.param_dtype)
     z = (z * gamma.astype(z.dtype)).reshape(t, b, h, w, c)
     return (count + z).astype(dtype)
