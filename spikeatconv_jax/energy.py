@@ -80,7 +80,8 @@ def _trace(model_config: Any, image_size: int) -> dict[str, Any]:
         fan_in = k * x.shape[-1] // mod.feature_group_count
         op = "conv{}x{}".format(*mod.kernel_size)
       else:
-        fan_in, op = mod.kernel_size**2, f"dwconv{mod.kernel_size}x{mod.kernel_size}"
+        fan_in = mod.kernel_size**2 * mod.sum_branches
+        op = f"dwconv{mod.kernel_size}x{mod.kernel_size}"
       layers.append(
         dict(
           name=_path(mod),
@@ -101,12 +102,8 @@ def _trace(model_config: Any, image_size: int) -> dict[str, Any]:
   rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
   # Trace with lax's depthwise conv: the shapes (all that is counted) are the same, and the
   # CPU shift-sum implementation is much slower to trace for the many MBPL merge convs.
-  fast_dw, dwconv.depthwise_conv2d = dwconv.depthwise_conv2d, dwconv.depthwise_conv2d_lax
-  try:
-    with nn.intercept_methods(interceptor):
-      jax.eval_shape(lambda: module.init(rngs, images, train=False))
-  finally:
-    dwconv.depthwise_conv2d = fast_dw
+  with dwconv.using("lax"), nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda: module.init(rngs, images, train=False))
   return dict(layers=layers, spks=spks, cores=cores)
 
 
@@ -217,8 +214,8 @@ def report(
       # the ConvNeXt merge's linears see real values.
       site = _path(parent)
       if local == "merge_dw":
-        # One depthwise conv over the K branches' spikes stacked on channels: each branch's
-        # 1/K of the MACs runs at that branch's rate, i.e. macs * mean_k(fr_k) ACs per step.
+        # One grouped conv over the K branches' spikes stacked on channels: each branch's 1/K
+        # of the MACs runs at that branch's rate, i.e. macs * mean_k(fr_k) ACs per step.
         fr = float(_branch_rates(site, rates, spks[site]["branches"]).mean())
         add(layer["name"], layer["op"], macs, f"{site}[all branches]", AC_T, fr, macs * fr)
       else:

@@ -19,9 +19,8 @@ def _trace_with_lax_dwconv():
   # implementation, and lax's single grouped conv traces ~5x faster than the CPU shift-sum.
   from spikeatconv_jax.layers import dwconv
 
-  dwconv.set_implementation("lax")
-  yield
-  dwconv.set_implementation(None)
+  with dwconv.using("lax"):
+    yield
 
 
 def _abstract_params(model_config, image_size):

@@ -31,6 +31,7 @@ function is traced, so change it before `jax.jit` compiles the caller.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Sequence
@@ -57,6 +58,17 @@ def set_implementation(name: str | None) -> None:
       f"unknown depthwise conv implementation {name!r}; use one of {IMPLEMENTATIONS}"
     )
   _override = name
+
+
+@contextlib.contextmanager
+def using(name: str | None):
+  """`with using("lax"): ...` sets the implementation for the block, then restores the previous."""
+  previous = _override
+  set_implementation(name)
+  try:
+    yield
+  finally:
+    set_implementation(previous)
 
 
 # On CPU, `auto` uses the shift form for maps of at least this many positions and the Toeplitz
@@ -259,20 +271,49 @@ def _toeplitz_index(h, w, kh, kw, sh, sw) -> np.ndarray:
   return idx.reshape(ho * wo, h * w)
 
 
+@functools.lru_cache(maxsize=256)
+def _toeplitz_selector(h, w, kh, kw, sh, sw) -> np.ndarray:
+  """[kh*kw, H'W', HW] float32 0/1: entry (t, q, p) is 1 when kernel tap t links input p to
+  output q. Contracting it with the taps builds the Toeplitz matrices with a dense matmul, whose
+  transpose (the kernel gradient) is a dense matmul too; indexing the taps would need a
+  scatter-add in the backward pass, which XLA:CPU runs serially."""
+  idx = _toeplitz_index(h, w, kh, kw, sh, sw)
+  q, p = np.nonzero(idx < kh * kw)
+  sel = np.zeros((kh * kw,) + idx.shape, np.float32)
+  sel[idx[q, p], q, p] = 1.0
+  return sel
+
+
+def _toeplitz_matmul(x: jax.Array, taps: jax.Array, hw, kernel_hw, strides) -> jax.Array:
+  """y[n, q, c] = Σ_{p, k} x[n, p, k, c] · T_c[q, (p, k)], one matrix product per channel.
+
+  x [N, HW, K, C]; taps [kh*kw, K, C]; returns [N, H'W', C] in float32. The channel is the
+  leading (batch) axis of the product and the K branches share its contraction with the input
+  positions, so the product reads [C, N, HW*K] x [C, HW*K, H'W'] at once.
+  """
+  n, npos, k, c = x.shape
+  sel = jnp.asarray(_toeplitz_selector(*hw, *kernel_hw, *strides), x.dtype)
+  mat = jnp.einsum("tqp,tkc->cpkq", sel, taps.astype(x.dtype))  # [C, HW, K, H'W']
+  mat = mat.reshape(c, npos * k, -1)
+  xs = jnp.transpose(x.reshape(n, npos * k, c), (2, 0, 1))  # [C, N, HW*K]
+  y = lax.dot_general(
+    xs, mat, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
+  )  # [C, N, H'W']
+  return jnp.transpose(y, (1, 2, 0))
+
+
 def depthwise_conv2d_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)):
   """Depthwise conv as a per-channel [H'W', HW] Toeplitz matrix product (for small maps)."""
   strides = _check(x, kernel, strides)
   n, h, w, c = x.shape
   kh, kw, _, m = kernel.shape
-  idx = _toeplitz_index(h, w, kh, kw, *strides)
   ho, wo = -(-h // strides[0]), -(-w // strides[1])
   dtype = jnp.promote_types(x.dtype, kernel.dtype)
-  taps = jnp.concatenate([kernel.reshape(kh * kw, c * m), jnp.zeros((1, c * m), kernel.dtype)])
-  mat = taps.astype(dtype)[idx]  # [H'W', HW, C*M], channel c*M + m
-  xf = x.astype(dtype).reshape(n, h * w, c)
+  xf = x.astype(dtype).reshape(n, h * w, 1, c)
   if m > 1:
     xf = jnp.repeat(xf, m, axis=-1)  # input channel c feeds outputs c*M .. c*M + M-1
-  y = jnp.einsum("npc,qpc->nqc", xf, mat, preferred_element_type=jnp.float32)
+  taps = kernel.astype(dtype).reshape(kh * kw, 1, c * m)
+  y = _toeplitz_matmul(xf, taps, (h, w), (kh, kw), strides)
   return y.reshape(n, ho, wo, c * m).astype(dtype)
 
 
@@ -286,8 +327,54 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (
   return depthwise_conv2d_lax(x, kernel, strides)
 
 
+def _check_sum(x: jax.Array, kernel: jax.Array) -> None:
+  if x.ndim != 5 or kernel.ndim != 4 or kernel.shape[2:] != x.shape[3:]:
+    raise ValueError(
+      "branch-summed depthwise conv wants x [N, H, W, K, C] and kernel [kh, kw, K, C]; "
+      f"got {x.shape}, {kernel.shape}"
+    )
+
+
+def depthwise_conv2d_sum(
+  x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), impl: str | None = None
+) -> jax.Array:
+  """Σ_k depthwise_conv2d(x[..., k, :], kernel[:, :, k, :]): [N, H, W, K, C] -> [N, H', W', C].
+
+  The grouped convolution from K*C to C channels with groups=C (MBPL's merge, DESIGN.md §3),
+  chosen per backend like `depthwise_conv2d` (or by `impl`): lax's grouped conv, the shift
+  form over the K*C stacked channels then a sum over K, or the Toeplitz product with the K
+  branches inside its contraction (small maps on CPU; no [N, H', W', K, C] intermediate).
+  """
+  _check_sum(x, kernel)
+  n, h, w, k, c = x.shape
+  kh, kw = kernel.shape[:2]
+  strides = _check(x[..., 0, :], kernel[:, :, 0, :, None], strides)
+  impl = impl or implementation((h, w))
+  dtype = jnp.promote_types(x.dtype, kernel.dtype)
+  if impl == "matmul":
+    ho, wo = -(-h // strides[0]), -(-w // strides[1])
+    taps = kernel.astype(dtype).reshape(kh * kw, k, c)
+    y = _toeplitz_matmul(x.astype(dtype).reshape(n, h * w, k, c), taps, (h, w), (kh, kw), strides)
+    return y.reshape(n, ho, wo, c).astype(dtype)
+  if impl == "shift":
+    y = depthwise_conv2d_shift(x.reshape(n, h, w, k * c), kernel.reshape(kh, kw, k * c, 1), strides)
+    return y.reshape(n, *y.shape[1:3], k, c).sum(axis=3, dtype=jnp.float32).astype(dtype)
+  # lax: groups of K consecutive input channels (c, k) feed output channel c.
+  xg = jnp.swapaxes(x, 3, 4).reshape(n, h, w, c * k).astype(dtype)
+  return lax.conv_general_dilated(
+    xg,
+    kernel.astype(dtype),
+    window_strides=strides,
+    padding="SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=c,
+    preferred_element_type=jnp.float32,
+  ).astype(dtype)
+
+
 class DepthwiseConv(nn.Module):
-  """Depthwise conv [N, H, W, C] -> [N, H', W', C*multiplier], SAME padding, optional bias."""
+  """Depthwise conv [N, H, W, C] -> [N, H', W', C*multiplier] (or C/sum_branches), SAME padding,
+  optional bias."""
 
   kernel_size: int = 7
   multiplier: int = 1
@@ -296,6 +383,10 @@ class DepthwiseConv(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.truncated_normal(0.02)
+  # > 1: the input stacks this many branches on channels (channel k*C + c) and the output sums
+  # them: the grouped conv K*C -> C with groups=C (`depthwise_conv2d_sum`). The kernel keeps
+  # the [kh, kw, K*C, 1] shape of the depthwise conv over the stacked channels.
+  sum_branches: int = 1
 
   @nn.compact
   def __call__(self, x):
@@ -306,8 +397,20 @@ class DepthwiseConv(nn.Module):
       (self.kernel_size, self.kernel_size, c, self.multiplier),
       self.param_dtype,
     )
-    y = depthwise_conv2d(x.astype(self.dtype), k.astype(self.dtype), (self.strides,) * 2)
+    strides = (self.strides,) * 2
+    nb = self.sum_branches
+    if nb == 1:
+      y = depthwise_conv2d(x.astype(self.dtype), k.astype(self.dtype), strides)
+    else:
+      if c % nb or self.multiplier != 1:
+        raise ValueError(
+          f"sum_branches={nb} needs multiplier 1 and channels divisible by it; got {c} channels, "
+          f"multiplier {self.multiplier}"
+        )
+      kb = k.reshape(self.kernel_size, self.kernel_size, nb, c // nb)
+      xb = x.reshape(*x.shape[:3], nb, c // nb)
+      y = depthwise_conv2d_sum(xb.astype(self.dtype), kb.astype(self.dtype), strides)
     if self.use_bias:
-      b = self.param("bias", nn.initializers.zeros, (c * self.multiplier,), self.param_dtype)
+      b = self.param("bias", nn.initializers.zeros, (y.shape[-1],), self.param_dtype)
       y = y + b.astype(self.dtype)
     return y

@@ -173,20 +173,23 @@ class SPK(nn.Module):
     if x.ndim != 5:
       raise ValueError(f"MBPL merge {self.mbpl_merge!r} needs [T, B, H, W, C], got {x.shape}")
     t, b, h, w, c = x.shape
-    # Z = Σ_k DW7_k(S_k): one depthwise 7x7 over the K branches stacked on channels
-    # (channel k*C + c), then summed over k. This is the grouped conv K*C -> C with groups=C of
-    # DESIGN.md §3 as a single op, so the graph holds one conv per site instead of K.
+    # Z = Σ_k DW7_k(S_k): the K branches stacked on channels (channel k*C + c) through the
+    # grouped conv K*C -> C with groups=C of DESIGN.md §3, one op per site instead of K.
     stacked = jnp.concatenate(spikes, axis=-1).reshape(t * b, h, w, len(spikes) * c)
     z = DepthwiseConv(
-      7, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_dw"
+      7,
+      use_bias=False,
+      sum_branches=len(spikes),
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      name="merge_dw",
     )(stacked)
-    z = z.reshape(t * b, h, w, len(spikes), c).sum(axis=3)
     z = z + self.param("merge_bias", nn.initializers.zeros, (c,), self.param_dtype).astype(z.dtype)
     if self.mbpl_merge == "convnext":
       z = common.layer_norm(dtype=self.dtype, name="merge_ln0")(z)
-      z = nn.Dense(4 * c, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_fc1")(z)
+      z = common.dense(4 * c, use_bias=True, dtype=self.dtype, name="merge_fc1")(z)
       z = nn.gelu(z, approximate=False)
-      z = nn.Dense(c, dtype=self.dtype, param_dtype=self.param_dtype, name="merge_fc2")(z)
+      z = common.dense(c, use_bias=True, dtype=self.dtype, name="merge_fc2")(z)
     else:
       z = common.layer_norm(dtype=self.dtype, name="merge_ln")(z)
     gamma = self.param("merge_gamma", nn.initializers.constant(1e-6), (c,), self.param_dtype)
