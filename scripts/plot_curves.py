@@ -46,13 +46,15 @@ def read_curves(workdir: str) -> dict[str, tuple[list[int], list[float]]]:
 
 def plot(workdirs: list[str], labels: list[str], out: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for workdir, label in zip(workdirs, labels):
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, (workdir, label) in enumerate(zip(workdirs, labels)):
     curves = read_curves(workdir)
     for name, (steps, values) in curves.items():
       if not steps:
         continue
       ax = axes[0] if "loss" in name else axes[1]
-      ax.plot(steps, values, "--" if name.startswith("train") else "-", label=f"{label}: {name}")
+      style = dict(linestyle="--", alpha=0.7) if name.startswith("train") else dict(marker="o")
+      ax.plot(steps, values, color=colors[i % len(colors)], label=f"{label}: {name}", **style)
   for ax, title in zip(axes, ("loss", "accuracy")):
     ax.set_xlabel("step")
     ax.set_title(title)

@@ -57,7 +57,8 @@ def test_mask_excludes_exactly_biases_norms_layer_scales_rel_pos():
 def test_mask_on_the_nano_model():
   c = get_config("runlocal=1")
   c.model.attention.partition = 4  # stage maps 8/4/2/1 at 32 px
-  model = models.build(c.model)  # the default MBPL SPK has a "merge_gamma" layer scale
+  c.model.spk.mbpl_merge = "dwconv"  # the spec's merge: a "merge_gamma" layer scale and bias
+  model = models.build(c.model)
   shapes = jax.eval_shape(
     lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 1)), train=False)
   )["params"]

@@ -58,6 +58,7 @@ def tiny_config(root: str, **overrides):
   c.dataset.source_dir = idx
   c.dataset.train_split = "train"
   c.dataset.eval_split = "test"
+  c.dataset.image_size = 32
   c.dataset.pp_train = "decode(1)|pad(2)|flip_lr|normalize('fashion_mnist')"
   c.dataset.pp_eval = "decode(1)|pad(2)|normalize('fashion_mnist')"
   c.dataset.shuffle_buffer = 16
