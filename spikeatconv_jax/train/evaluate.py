@@ -77,7 +77,7 @@ def evaluate_checkpoint(
   ckpt.close()
 
   eval_step = step_lib.make_eval_step(model, config.model.num_classes, mesh, shardings)
-  (eval_step,) = loop.compile_ahead(eval_step=(eval_step, (state, first)))
+  eval_step = loop.compile_ahead(eval_step=(eval_step, (state, first)))["eval_step"]
 
   def all_batches():
     yield first

@@ -137,19 +137,19 @@ def evaluate(eval_step, state, config, mesh, split: str, batches=None) -> dict[s
   return res
 
 
-def compile_ahead(**steps) -> list:
+def compile_ahead(**steps) -> dict:
   """Compiles each `name=(jitted, args)` before its first run; with several processes, waits
-  for all of them at a coordination-service barrier. Returns the compiled steps in order.
+  for all of them at a coordination-service barrier. Returns {name: compiled step}.
 
   Every process must enter a new collective program within the CPU collectives' (gloo) 30 s
   timeout of the others, and compiles on loaded hosts can differ by more than that. Compiling
   ahead and meeting at a barrier with a long timeout removes that skew. It also puts the compile
   time in the log and fails on a compile error before any step runs.
   """
-  compiled = []
+  compiled = {}
   for name, (fn, args) in steps.items():
     t0 = time.time()
-    compiled.append(fn.lower(*args).compile())
+    compiled[name] = fn.lower(*args).compile()
     logging.info("compiled the %s in %.1f s", name.replace("_", " "), time.time() - t0)
   if jax.process_count() > 1:
     multihost.sync_global_processes("spikeatconv_compiled_" + "_".join(steps), timeout=3600)
@@ -278,10 +278,11 @@ def train_and_evaluate(
   lrs = optim.schedule_table(schedule, total_steps)  # [total_steps + 1] on the host
   train_step = step_lib.make_train_step(model, tx, config, mesh, shardings)
   eval_step = step_lib.make_eval_step(model, config.model.num_classes, mesh, shardings)
-  train_step, eval_step = compile_ahead(
-    train_step=(train_step, (state, first, lrs[start_step])),
-    eval_step=(eval_step, (state, eval_example(config, mesh))),
-  )
+  steps = dict(eval_step=(eval_step, (state, eval_example(config, mesh))))
+  if start_step < total_steps:  # a finished run only evaluates again
+    steps["train_step"] = (train_step, (state, first, lrs[start_step]))
+  compiled = compile_ahead(**steps)
+  eval_step, train_step = compiled["eval_step"], compiled.get("train_step")
   writer = (
     metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
     if is_main
@@ -411,14 +412,16 @@ def train_and_evaluate(
 def summary_text(config, final: dict) -> str:
   ev = final["eval"]
   energy = final["energy_mj_per_image"]
+  fr = ev.get("firing_rate", math.nan)
   lines = [
     "=" * 72,
     f"SpikeAtConv {config.model.variant} ({config.model.name}) on {config.dataset.name}: "
     f"{final['step']} steps",
     f"  {ev['split']} top-1      {ev['top1'] * 100:.2f} %   (top-5 {ev['top5'] * 100:.2f} %, "
     f"loss {ev['loss']:.4f}, {ev['num_examples']} images)",
-    f"  mean firing rate  {ev.get('firing_rate', math.nan):.4f} "
-    "(per site and time step, mean over sites)",
+    f"  mean firing rate  {fr:.4f} (per site and time step, mean over sites)"
+    if math.isfinite(fr)
+    else "  mean firing rate  n/a (no SPK sites: a spike-free model)",
     f"  energy per image  {'n/a' if energy is None else f'{energy:.4f} mJ'} (measured rates)",
     f"  parameters        {final['num_params']:,}",
     f"  wall time         {metrics_lib.format_duration(final['wall_time_s'])}",
