@@ -12,6 +12,11 @@ train=True with drop-path and BN updates) are lowered and compiled (timed separa
 once, then timed `--repeats` times; images/s uses the median. Memory is XLA's compiled
 `memory_analysis()`: arguments + outputs + temporaries (a peak estimate; aliasing not subtracted).
 
+--mfu adds model FLOPs utilisation: dense train FLOPs per image (3 x 2 x dense MACs per step x T,
+energy.report's count) times train images/s, over the peak matmul rate measured in the same run
+(--peak-tflops gives one instead, e.g. a GPU's spec-sheet bf16 rate). On GPU/TPU the row also
+holds the device's peak memory in use (allocator statistics).
+
 Prints a readable table and then ONE JSON line.
 """
 
@@ -52,6 +57,31 @@ def _time(fn, repeats: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+def matmul_peak_tflops(dtype: str, n: int | None = None, repeats: int = 5) -> float:
+  """The backend's measured dense matmul rate (TFLOP/s) in `dtype`: an n x n x n product."""
+  n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(dtype)
+  mm = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(mm(a, a))
+  return 2 * n**3 / _time(lambda: mm(a, a), repeats) / 1e12
+
+
+def train_flops_per_image(cfg, size: int) -> float:
+  """Dense train FLOPs per image: 3 x (forward: 2 x dense MACs per step x T), the usual
+  forward + 2x backward estimate over weight layers and attention products (energy.report's
+  count, DESIGN.md §7); elementwise, norm and LIF work is not counted."""
+  from spikeatconv_jax import energy
+
+  gmacs = energy.report(cfg, size)["dense_gmacs_per_step"]
+  return 3 * 2 * gmacs * 1e9 * int(cfg.timesteps)
+
+
+def _peak_device_mb() -> float | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**20
 
 
 def run_setting(args, t: int, net: str) -> dict:
@@ -123,6 +153,13 @@ def run_setting(args, t: int, net: str) -> dict:
   out["train_img_s"] = b / _time(
     lambda: step(params, stats, opt_state, images, labels, rng), args.repeats
   )
+  out["device_peak_mb"] = _peak_device_mb()  # None on CPU (no allocator statistics)
+  if args.mfu:
+    out["train_tflops_per_image"] = train_flops_per_image(cfg, size) / 1e12
+    out["train_tflops_s"] = out["train_tflops_per_image"] * out["train_img_s"]
+    out["peak_tflops_s"] = args.peak_tflops or matmul_peak_tflops(args.dtype)
+    out["peak_source"] = "given" if args.peak_tflops else f"measured {args.dtype} matmul"
+    out["mfu"] = out["train_tflops_s"] / out["peak_tflops_s"]
   return out
 
 
@@ -138,6 +175,14 @@ def main():
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument(
+    "--mfu", action="store_true",
+    help="add model FLOPs utilisation: dense train FLOPs/s over the matmul peak",
+  )  # fmt: skip
+  ap.add_argument(
+    "--peak-tflops", type=float, default=None,
+    help="the peak for --mfu (e.g. a chip's spec-sheet rate); default: measured in this run",
+  )  # fmt: skip
   args = ap.parse_args()
 
   rows = []
@@ -161,6 +206,12 @@ def main():
       f"{f(r['fwd_mem_mb'], '.0f'):>8} {f(r['train_img_s'], '.2f'):>11} "
       f"{f(r['train_compile_s'], '.1f'):>12} {f(r['train_mem_mb'], '.0f'):>9}"
     )
+    if "mfu" in r:
+      print(
+        f"    train {r['train_tflops_s']:.3f} TFLOP/s dense = {100 * r['mfu']:.1f} % MFU of "
+        f"{r['peak_tflops_s']:.3f} TFLOP/s ({r['peak_source']}); device peak "
+        f"{f(r['device_peak_mb'], '.0f')} MB"
+      )
   print(
     json.dumps(
       dict(

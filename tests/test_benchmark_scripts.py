@@ -1,0 +1,33 @@
+"""The benchmark helpers that can run without their hardware: gpu.sh's checks, MFU arithmetic."""
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs.common import model_config
+from spikeatconv_jax import energy
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_gpu_script_parses_and_refuses_a_cpu_backend():
+  script = REPO / "benchmarks" / "gpu.sh"
+  assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+  env = dict(os.environ, PY=sys.executable, JAX_PLATFORMS="cpu")
+  r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "not a GPU" in r.stderr, r.stderr
+
+
+def test_train_flops_per_image_is_three_forward_passes():
+  spec = importlib.util.spec_from_file_location("bench_model", REPO / "benchmarks" / "model.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  cfg = model_config(variant="nano", spk="sl", attention="sisa", num_classes=10, timesteps=2)
+  cfg.attention.partition = 4
+  gmacs = energy.report(cfg, 32)["dense_gmacs_per_step"]
+  assert bench.train_flops_per_image(cfg, 32) == pytest.approx(6 * gmacs * 1e9 * 2)
+  assert bench.matmul_peak_tflops("float32", n=128, repeats=2) > 0
