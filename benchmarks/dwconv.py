@@ -1,4 +1,6 @@
-"""Depthwise conv on this backend: lax's grouped conv vs the shift-sum form, forward and fwd+bwd.
+"""Depthwise conv on this backend: lax's grouped conv vs the shift-sum form and the `auto` choice
+(what the models run: on CPU the Toeplitz matmul for small maps, the shift-sum above), forward
+and fwd+bwd.
 
 Shapes are the ConvNeXt branches of the models (kernel 7):
   nano: dims 32/64/128/256, 32 px input -> maps 8/4/2/1, batch 64
@@ -35,7 +37,12 @@ MODELS = {
   "nano": dict(dims=(32, 64, 128, 256), maps=(8, 4, 2, 1), batch=64),
   "tiny": dict(dims=(64, 128, 256, 512), maps=(56, 28, 14, 7), batch=8),
 }
-IMPLS = {"lax": dwconv.depthwise_conv2d_lax, "shift": dwconv.depthwise_conv2d_shift}
+IMPLS = {
+  "lax": dwconv.depthwise_conv2d_lax,
+  "shift": dwconv.depthwise_conv2d_shift,
+  # What the models run: on CPU the Toeplitz matmul below SHIFT_MIN_POSITIONS, else the shift.
+  "auto": dwconv.depthwise_conv2d,
+}
 
 
 def cases(model: str, kernel: int):
@@ -114,15 +121,19 @@ def main():
         row[f"{impl}_fwd_bwd_gflops"] = 3 * flops / t["fwd_bwd_s"] / 1e9
       row["speedup_fwd"] = res["lax"]["fwd_s"] / res["shift"]["fwd_s"]
       row["speedup_fwd_bwd"] = res["lax"]["fwd_bwd_s"] / res["shift"]["fwd_bwd_s"]
+      row["auto_impl"] = dwconv.implementation(x_shape[1:3])
+      row["auto_speedup_fwd_bwd"] = res["lax"]["fwd_bwd_s"] / res["auto"]["fwd_bwd_s"]
       rows.append(row)
       print(
-        f"# {name}: lax/shift fwd {row['speedup_fwd']:.1f}x, fwd+bwd {row['speedup_fwd_bwd']:.1f}x",
+        f"# {name}: lax/shift fwd {row['speedup_fwd']:.1f}x, fwd+bwd {row['speedup_fwd_bwd']:.1f}x;"
+        f" lax/auto ({row['auto_impl']}) fwd+bwd {row['auto_speedup_fwd_bwd']:.1f}x",
         flush=True,
       )
 
   header = (
     f"{'case':<16}{'x':>20}{'M':>3}{'s':>3}{'lax fwd':>10}{'shift fwd':>10}{'x':>8}"
     f"{'lax f+b':>10}{'shift f+b':>10}{'x':>8}{'lax GF/s':>10}{'shift GF/s':>11}"
+    f"{'auto':>8}{'auto f+b':>10}{'x':>8}"
   )
   print(
     f"depthwise conv, kernel {args.kernel}, {args.dtype}, ms = median of {args.repeats}; "
@@ -135,6 +146,7 @@ def main():
       f"{r['lax_fwd_ms']:>10.2f}{r['shift_fwd_ms']:>10.2f}{r['speedup_fwd']:>8.1f}"
       f"{r['lax_fwd_bwd_ms']:>10.2f}{r['shift_fwd_bwd_ms']:>10.2f}{r['speedup_fwd_bwd']:>8.1f}"
       f"{r['lax_fwd_bwd_gflops']:>10.2f}{r['shift_fwd_bwd_gflops']:>11.2f}"
+      f"{r['auto_impl']:>8}{r['auto_fwd_bwd_ms']:>10.2f}{r['auto_speedup_fwd_bwd']:>8.1f}"
     )
   summary = {}
   for model in args.models.split(","):
@@ -146,6 +158,11 @@ def main():
       shift_total = sum(r[f"shift_{key}_ms"] for r in mine)
       summary[f"{model}_{key}_total_speedup"] = lax_total / shift_total
       summary[f"{model}_{key}_min_speedup"] = min(r[f"speedup_{key}"] for r in mine)
+    lax_total = sum(r["lax_fwd_bwd_ms"] for r in mine)
+    summary[f"{model}_auto_fwd_bwd_total_speedup"] = lax_total / sum(
+      r["auto_fwd_bwd_ms"] for r in mine
+    )
+    summary[f"{model}_auto_fwd_bwd_min_speedup"] = min(r["auto_speedup_fwd_bwd"] for r in mine)
   for k, v in summary.items():
     print(f"{k}: {v:.2f}")
   env = {
