@@ -121,7 +121,7 @@ def main():
         row[f"{impl}_fwd_bwd_gflops"] = 3 * flops / t["fwd_bwd_s"] / 1e9
       row["speedup_fwd"] = res["lax"]["fwd_s"] / res["shift"]["fwd_s"]
       row["speedup_fwd_bwd"] = res["lax"]["fwd_bwd_s"] / res["shift"]["fwd_bwd_s"]
-      row["auto_impl"] = dwconv.implementation(x_shape[1:3])
+      row["auto_impl"] = dwconv.implementation(x_shape[1:3], x_shape[0])
       row["auto_speedup_fwd_bwd"] = res["lax"]["fwd_bwd_s"] / res["auto"]["fwd_bwd_s"]
       rows.append(row)
       print(

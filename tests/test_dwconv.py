@@ -145,6 +145,11 @@ def test_module_params_and_dispatch(monkeypatch):
     assert dwconv.implementation((28, 28)) == "shift"
     assert dwconv.implementation((16, 16)) == "matmul"
     assert dwconv.implementation((8, 8)) == "matmul"  # small maps: Toeplitz matmul
+    # With the batch: building the Toeplitz matrices only pays off over enough images.
+    assert dwconv.implementation((14, 14), 8) == "shift"
+    assert dwconv.implementation((14, 14), 128) == "matmul"
+    assert dwconv.implementation((7, 7), 8) == "matmul"
+    assert dwconv.implementation((28, 28), 128) == "shift"
     monkeypatch.setenv(dwconv.ENV_VAR, "lax")
     assert dwconv.implementation() == "lax"
     monkeypatch.setenv(dwconv.ENV_VAR, "cudnn")

@@ -77,12 +77,25 @@ def using(name: str | None):
 SHIFT_MIN_POSITIONS = 400
 
 
-def implementation(spatial: tuple[int, int] | None = None) -> str:
-  """The implementation `depthwise_conv2d` would use: "lax" or "shift".
+def _matmul_pays(positions: int, batch: int) -> bool:
+  """CPU cost model, Toeplitz matmul vs shift-sum, per channel, fwd+bwd.
+
+  The matmul does 6·N·P² flops for the products plus 4·49·P² for building the Toeplitz matrices
+  and their gradient, which no batch amortises. The shift form does 6·49·N·P at about 1/15 of
+  matmul speed. Fitted to benchmarks/dwconv.py here: [8,14,14,256] shift 39 ms vs matmul 105 ms;
+  [128,16,16,128] matmul 298 ms vs shift 989 ms.
+  """
+  return positions * (6 * batch + 196) < 15 * 294 * batch
+
+
+def implementation(spatial: tuple[int, int] | None = None, batch: int | None = None) -> str:
+  """The implementation `depthwise_conv2d` would use: "lax", "shift" or "matmul".
 
   Args:
     spatial: (H, W) of the input; with `auto` on CPU, maps smaller than SHIFT_MIN_POSITIONS
-      positions use the Toeplitz matmul. None: as for a large map.
+      positions use the Toeplitz matmul (when `batch` is given, only where the cost model says it
+      pays). None: as for a large map.
+    batch: the conv's batch size N (all leading axes folded).
   """
   name = _override if _override is not None else os.environ.get(ENV_VAR, "auto") or "auto"
   if name not in IMPLEMENTATIONS:
@@ -90,7 +103,12 @@ def implementation(spatial: tuple[int, int] | None = None) -> str:
   if name == "auto":
     if jax.default_backend() != "cpu":
       return "lax"
-    small = spatial is not None and spatial[0] * spatial[1] < SHIFT_MIN_POSITIONS
+    if spatial is None:
+      return "shift"
+    positions = spatial[0] * spatial[1]
+    small = positions < SHIFT_MIN_POSITIONS
+    if small and batch is not None:
+      small = _matmul_pays(positions, batch)
     return "matmul" if small else "shift"
   return name
 
@@ -319,7 +337,7 @@ def depthwise_conv2d_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[i
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)):
   """Depthwise conv; the shift form on CPU, lax's grouped conv elsewhere (see `implementation`)."""
-  impl = implementation(x.shape[1:3])
+  impl = implementation(x.shape[1:3], x.shape[0])
   if impl == "shift":
     return depthwise_conv2d_shift(x, kernel, strides)
   if impl == "matmul":
@@ -349,7 +367,7 @@ def depthwise_conv2d_sum(
   n, h, w, k, c = x.shape
   kh, kw = kernel.shape[:2]
   strides = _check(x[..., 0, :], kernel[:, :, 0, :, None], strides)
-  impl = impl or implementation((h, w))
+  impl = impl or implementation((h, w), n)
   dtype = jnp.promote_types(x.dtype, kernel.dtype)
   if impl == "matmul":
     ho, wo = -(-h // strides[0]), -(-w // strides[1])
