@@ -31,3 +31,14 @@ def test_train_flops_per_image_is_three_forward_passes():
   gmacs = energy.report(cfg, 32)["dense_gmacs_per_step"]
   assert bench.train_flops_per_image(cfg, 32) == pytest.approx(6 * gmacs * 1e9 * 2)
   assert bench.matmul_peak_tflops("float32", n=128, repeats=2) > 0
+
+
+def test_vs_timm_reads_the_last_matching_json_line():
+  spec = importlib.util.spec_from_file_location("vs_timm", REPO / "benchmarks" / "vs_timm.py")
+  vs_timm = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(vs_timm)
+  lines = ['row {"a": 1}', '{"benchmark": "model", "rows": [1]}', "table"]
+  text = "\n".join(lines + ['{"benchmark": "model", "rows": []}'])
+  assert vs_timm.last_json(text, '"benchmark": "model"') == {"benchmark": "model", "rows": []}
+  with pytest.raises(RuntimeError, match="no JSON line"):
+    vs_timm.last_json("nothing here", '"bench": "timm_train_step"')
