@@ -18,15 +18,17 @@ Two implementations compute the same function:
   in the 49-term sums or the N*H*W reductions).
 
 - `depthwise_conv2d_matmul`: for small maps, the conv as one batched matrix product per channel:
-  the kernel is scattered into a [H'W', HW] Toeplitz matrix per output channel (a static index
-  table), and XLA's batched dot does the rest. It costs HW/(kh*kw) times the conv's FLOPs (1.3x
-  on an 8x8 map with a 7x7 kernel) but runs at matmul speed, and its graph is three ops, so it
-  compiles fast. Plain autodiff gives its gradient.
+  a [H'W', HW] Toeplitz matrix per output channel, built from the taps by a matmul with a
+  constant 0/1 selector, and XLA's batched dot (channel as the batch axis) does the rest. It
+  costs HW/(kh*kw) times the conv's FLOPs (1.3x on an 8x8 map with a 7x7 kernel) but runs at
+  matmul speed and compiles fast. Plain autodiff gives its gradient.
 
-`depthwise_conv2d` uses the shift form when `jax.default_backend() == "cpu"` and lax's grouped
-convolution otherwise. Override with `set_implementation("lax" | "shift" | "auto")` or the env
-var `SPIKEATCONV_DWCONV=lax|shift|auto` (the module setting wins). The choice is made when a
-function is traced, so change it before `jax.jit` compiles the caller.
+`depthwise_conv2d_sum` is the grouped conv K*C -> C with groups=C (MBPL's merge) in the same
+three forms. On CPU, `auto` picks the Toeplitz matmul for small maps (below SHIFT_MIN_POSITIONS
+positions, and where `_matmul_pays` for the batch) and the shift form otherwise; on GPU/TPU it
+picks lax's grouped convolution. Override with `set_implementation(...)`, `with using(...)`, or
+the env var `SPIKEATCONV_DWCONV=auto|lax|shift|matmul` (the module setting wins). The choice is
+made when a function is traced, so change it before `jax.jit` compiles the caller.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ _override: str | None = None
 
 
 def set_implementation(name: str | None) -> None:
-  """Forces the implementation `depthwise_conv2d` uses ("lax", "shift", "auto"; None clears)."""
+  """Forces the implementation `depthwise_conv2d` uses (one of IMPLEMENTATIONS; None clears)."""
   global _override
   if name is not None and name not in IMPLEMENTATIONS:
     raise ValueError(
@@ -337,7 +339,7 @@ def depthwise_conv2d_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[i
 
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)):
-  """Depthwise conv; the shift form on CPU, lax's grouped conv elsewhere (see `implementation`)."""
+  """Depthwise conv in the form `implementation` picks for this backend and shape."""
   impl = implementation(x.shape[1:3], x.shape[0])
   if impl == "shift":
     return depthwise_conv2d_shift(x, kernel, strides)
