@@ -12,6 +12,11 @@ train=True with drop-path and BN updates) are lowered and compiled (timed separa
 once, then timed `--repeats` times; images/s uses the median. Memory is XLA's compiled
 `memory_analysis()`: arguments + outputs + temporaries (a peak estimate; aliasing not subtracted).
 
+--compile-only builds the parameters abstractly and only lowers and compiles the train step
+(the compile-time targets for base and large: `--variant base --timesteps 1 --nets mbpl/sisa
+--compile-only`); the row then holds train_lower_s, train_compile_s and the optimized HLO's
+instruction count.
+
 --mfu adds model FLOPs utilisation: dense train FLOPs per image (3 x 2 x dense MACs per step x T,
 energy.report's count) times train images/s, over the peak matmul rate measured in the same run
 (--peak-tflops gives one instead, e.g. a GPU's spec-sheet bf16 rate). On GPU/TPU the row also
@@ -102,10 +107,15 @@ def run_setting(args, t: int, net: str) -> dict:
   # An rbg key: the jitted init (a full forward plus every initializer) compiles ~2x faster than
   # with threefry, and the parameter values do not affect throughput.
   init_key = jax.random.key(2, impl="unsafe_rbg")
-  variables = jax.jit(lambda x: model.init(init_key, x, train=False))(images)
-  params, stats = variables["params"], variables.get("batch_stats", {})
   tx = optax.adamw(1e-3, weight_decay=0.05)
-  opt_state = tx.init(params)
+  if args.compile_only:  # shapes only: nothing is initialised or run
+    images, labels = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (images, labels))
+    variables = jax.eval_shape(lambda x: model.init(init_key, x, train=False), images)
+    opt_state = jax.eval_shape(tx.init, variables["params"])
+  else:
+    variables = jax.jit(lambda x: model.init(init_key, x, train=False))(images)
+    opt_state = tx.init(variables["params"])
+  params, stats = variables["params"], variables.get("batch_stats", {})
 
   def forward(params, stats, x):
     return model.apply({"params": params, "batch_stats": stats}, x, train=False)
@@ -137,6 +147,19 @@ def run_setting(args, t: int, net: str) -> dict:
     remat=args.remat,
     dwconv=dwconv.implementation() if hasattr(dwconv, "implementation") else "lax",
   )
+  rng = jax.random.PRNGKey(3)
+  if args.compile_only:
+    t0 = time.perf_counter()
+    lowered = jax.jit(train_step).lower(params, stats, opt_state, images, labels, rng)
+    out["train_lower_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step = lowered.compile()
+    out["train_compile_s"] = time.perf_counter() - t0
+    out["train_mem_mb"] = _mem_mb(step)
+    hlo = step.as_text().splitlines()
+    out["hlo_instructions"] = sum(1 for ln in hlo if " = " in ln and not ln.startswith("HloModule"))
+    out.update(fwd_img_s=None, fwd_compile_s=None, fwd_mem_mb=None, train_img_s=None)
+    return out
   t0 = time.perf_counter()
   fwd = jax.jit(forward).lower(params, stats, images).compile()
   out["fwd_compile_s"] = time.perf_counter() - t0
@@ -144,7 +167,6 @@ def run_setting(args, t: int, net: str) -> dict:
   jax.block_until_ready(fwd(params, stats, images))
   out["fwd_img_s"] = b / _time(lambda: fwd(params, stats, images), args.repeats)
 
-  rng = jax.random.PRNGKey(3)
   t0 = time.perf_counter()
   step = jax.jit(train_step).lower(params, stats, opt_state, images, labels, rng).compile()
   out["train_compile_s"] = time.perf_counter() - t0
@@ -176,6 +198,10 @@ def main():
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument(
+    "--compile-only", action="store_true",
+    help="abstract params (jax.eval_shape); only lower + compile the train step and time both",
+  )  # fmt: skip
+  ap.add_argument(
     "--mfu", action="store_true",
     help="add model FLOPs utilisation: dense train FLOPs/s over the matmul peak",
   )  # fmt: skip
@@ -206,6 +232,11 @@ def main():
       f"{f(r['fwd_mem_mb'], '.0f'):>8} {f(r['train_img_s'], '.2f'):>11} "
       f"{f(r['train_compile_s'], '.1f'):>12} {f(r['train_mem_mb'], '.0f'):>9}"
     )
+    if "train_lower_s" in r:
+      print(
+        f"    compile only: trace+lower {r['train_lower_s']:.1f} s, compile "
+        f"{r['train_compile_s']:.1f} s, {r['hlo_instructions']} optimized HLO instructions"
+      )
     if "mfu" in r:
       print(
         f"    train {r['train_tflops_s']:.3f} TFLOP/s dense = {100 * r['mfu']:.1f} % MFU of "

@@ -110,6 +110,11 @@ def model_config(
   m.variant = variant  # nano | tiny | base | large (spikeatconv only)
   m.num_classes = num_classes
   m.timesteps = timesteps
+  # network: T steps through the whole net (DESIGN.md §1). neuron: the net runs at T=1 and each
+  # LIF repeats its input `timesteps` times, emitting its mean spike rate (ablation switch).
+  m.time_mode = "network"
+  # True: the literal "each FFN linear is followed by SPK" (BN -> SPK after W2, DESIGN.md §4).
+  m.spk_after_branch_out = False
   m.drop_path = config_dict.placeholder(float)  # None: the variant's default (DESIGN.md §7)
   m.dtype = "float32"  # compute dtype; params and membrane stay float32
   m.remat = False  # per-block jax.checkpoint

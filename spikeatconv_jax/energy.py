@@ -59,7 +59,8 @@ def _trace(model_config: Any, image_size: int) -> dict[str, Any]:
     cfg = ml_collections.ConfigDict(model_config)
   else:
     cfg = copy.deepcopy(model_config)
-  cfg.timesteps = 1  # dense counts are per step; T enters only as the stated factor
+  if cfg.get("time_mode", "network") != "neuron":
+    cfg.timesteps = 1  # dense counts are per step; T enters only as the stated factor
   module = models.build(cfg)
   layers, spks, cores = [], {}, []
 
@@ -70,7 +71,9 @@ def _trace(model_config: Any, image_size: int) -> dict[str, Any]:
     out = next_fun(*args, **kwargs)
     if isinstance(mod, SPK):
       n_branch = 0 if mod.kind == "none" else len(mod.thresholds or DEFAULT_THRESHOLDS[mod.kind])
-      spks[_path(mod)] = dict(kind=mod.kind, merge=mod.mbpl_merge, branches=n_branch)
+      spks[_path(mod)] = dict(
+        kind=mod.kind, merge=mod.mbpl_merge, branches=n_branch, neuron_t=mod.neuron_timesteps
+      )
     elif isinstance(mod, nn.Dense | nn.Conv | DepthwiseConv):
       x = args[0]
       if isinstance(mod, nn.Dense):
@@ -136,8 +139,9 @@ def _site_counting(site: dict[str, Any]) -> str:
   kind = site["kind"]
   if kind == "none" or (kind == "mbpl" and site["merge"] != "sum"):
     return MAC_T  # real-valued output
-  if kind in ("rl", "mbpl"):
-    return AC_BITPLANE  # integer output: one binary plane per LIF branch
+  if kind in ("rl", "mbpl") or site.get("neuron_t", 1) > 1:
+    # integer output: one binary plane per LIF branch (and per neuron step, time_mode='neuron')
+    return AC_BITPLANE
   return AC_T  # sl, hsl, dcl: strictly binary
 
 
@@ -153,10 +157,13 @@ def _branch_rates(path: str, rates: dict[str, np.ndarray] | None, k: int) -> np.
   return arr.mean(axis=1)
 
 
-def _site_rate(path: str, counting: str, rates: dict[str, np.ndarray] | None, k: int) -> float:
-  """Σ_k fr_k (bit-planes) or the mean over branches (binary, channel-split sites)."""
-  r = _branch_rates(path, rates, k)
-  return float(r.sum() if counting == AC_BITPLANE else r.mean())
+def _site_rate(site: dict[str, Any], path: str, counting: str, rates: Any) -> float:
+  """Σ_k fr_k (bit-planes) or the mean over branches (binary, channel-split sites), times the
+  per-neuron steps under time_mode='neuron' (n binary planes whose mean the site outputs)."""
+  r = _branch_rates(path, rates, site["branches"])
+  # RL/MBPL branches each cover every channel (their planes add up); HSL/DCL split channels.
+  fr = r.sum() if site["kind"] in ("rl", "mbpl") else r.mean()
+  return float(fr) * site.get("neuron_t", 1)
 
 
 def report(
@@ -178,7 +185,7 @@ def report(
   from spikeatconv_jax import models
 
   models.validate(model_config, image_size)
-  t = int(model_config.timesteps)
+  t = models.network_timesteps(model_config)
   tr = _trace(model_config, image_size)
   spks = tr["spks"]
   rates = None
@@ -217,6 +224,7 @@ def report(
         # One grouped conv over the K branches' spikes stacked on channels: each branch's 1/K
         # of the MACs runs at that branch's rate, i.e. macs * mean_k(fr_k) ACs per step.
         fr = float(_branch_rates(site, rates, spks[site]["branches"]).mean())
+        fr *= spks[site].get("neuron_t", 1)
         add(layer["name"], layer["op"], macs, f"{site}[all branches]", AC_T, fr, macs * fr)
       else:
         add(layer["name"], layer["op"], macs, f"{site} (real input)", MAC_T, None, None)
@@ -231,7 +239,7 @@ def report(
       if counting == MAC_T:
         add(layer["name"], layer["op"], macs, src, MAC_T, None, None)
       else:
-        fr = _site_rate(src, counting, rates, spks[src]["branches"])
+        fr = _site_rate(spks[src], src, counting, rates)
         add(layer["name"], layer["op"], macs, src, counting, fr, macs * fr)
 
   for core in tr["cores"]:
@@ -248,7 +256,7 @@ def report(
     if counting == MAC_T:
       add(core["name"], op, dense_macs, "+".join(srcs), MAC_T, None, None)
       continue
-    frs = [_site_rate(s, counting, rates, spks[s]["branches"]) for s in srcs]
+    frs = [_site_rate(spks[s], s, counting, rates) for s in srcs]
     # SISA: N²d·fr_Q (QKᵀ) + N²d·fr_V ((A+B)·V); BDSA: 2N²d·fr_S.
     ops = base * sum(frs) if core["kind"] == "sisa" else 2 * base * frs[0]
     add(core["name"], op, dense_macs, "+".join(srcs), counting, float(np.mean(frs)), ops)
@@ -271,6 +279,12 @@ def report(
     rate_note,
     f"E_MAC={E_MAC_PJ} pJ, E_AC={E_AC_PJ} pJ (45 nm); BN folds into weights, pooling is free.",
   ]
+  if model_config.get("time_mode", "network") == "neuron":
+    notes.append(
+      f"time_mode='neuron': the network runs at T=1 and each SPK averages "
+      f"{int(model_config.timesteps)} LIF steps of a repeated input; a layer it feeds is "
+      "counted as that many binary planes (AC ops = FL x fr x steps)."
+    )
   return dict(
     model=dict(
       name=model_config.get("name", "spikeatconv"),

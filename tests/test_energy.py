@@ -139,3 +139,17 @@ def test_resnet18_cifar_dense_macs():
   assert rows["stage1/block0/conv1"]["input"] == "stage0/block1/spk2"
   assert rows["stage1/block0/shortcut_conv"]["input"] == "stage0/block1/spk2"
   assert rows["stem/conv"]["counted_as"] == energy.MAC_ONCE
+
+
+def test_neuron_time_mode_counts_each_repeated_step_as_a_plane():
+  """time_mode='neuron' (DESIGN.md §1): the net runs once (T factor 1); a layer fed by a site
+  averaging n LIF steps costs n binary planes: E_AC · n · fr · FL."""
+  cfg = _nano8("sl")
+  cfg.time_mode = "neuron"
+  once, mac_t, ac = _hand_count()
+  rates = {s: np.asarray([[0.2]], np.float32) for s in _sites(cfg)}  # [K=1, T=1]
+  rep = energy.report(cfg, 8, rates)
+  assert rep["timesteps"] == 1
+  expected_pj = energy.E_MAC_PJ * (once + mac_t) + energy.E_AC_PJ * T * 0.2 * ac
+  assert rep["total_energy_mj"] == pytest.approx(expected_pj * 1e-9, rel=1e-6)
+  assert "time_mode='neuron'" in rep["notes"][-1]

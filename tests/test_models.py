@@ -216,3 +216,60 @@ def test_validate_errors():
     models.build(model_config(name="vit"))
   assert 224 in models.valid_image_sizes(7) and 32 not in models.valid_image_sizes(7)
   assert 32 in models.valid_image_sizes(4)
+
+
+def _shapes(tree):
+  return jax.tree_util.tree_map_with_path(lambda p, x: (jax.tree_util.keystr(p), x.shape), tree)
+
+
+def test_time_mode_neuron_runs_the_network_at_t1():
+  """time_mode='neuron' (DESIGN.md §1): same parameters as T=1; every SPK averages T steps."""
+  cfg = _nano(timesteps=3)
+  cfg.time_mode = "neuron"
+  m = models.build(cfg)
+  x = jnp.zeros((2, SIZE, SIZE, 3))
+  v = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, train=False))
+  ref = models.build(_nano(timesteps=1))
+  v1 = jax.eval_shape(lambda: ref.init(jax.random.PRNGKey(0), x, train=False))
+  assert _shapes(v["params"]) == _shapes(v1["params"])
+  assert models.network_timesteps(cfg) == 1
+  assert m.cfg.spk.neuron_timesteps == 3 and m.cfg.timesteps == 1
+  out, mut = jax.eval_shape(
+    lambda v: m.apply(
+      v, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)}, mutable=["batch_stats", "spikes"]
+    ),
+    v,
+  )
+  assert out.shape == (2, CLASSES)
+  rates = jax.tree_util.tree_leaves(mut["spikes"])
+  assert rates and all(r.shape[-1] == 1 for r in rates)  # [K, T=1] per site
+  bad = _nano()
+  bad.time_mode = "per_layer"
+  with pytest.raises(ValueError, match="time_mode"):
+    models.build(bad)
+
+
+def test_spk_after_branch_out_spikes_the_ffn_output():
+  """spk_after_branch_out: W2 (no bias) -> BN -> SPK in every FFN (the literal reading)."""
+  cfg = _nano(timesteps=2)
+  cfg.spk_after_branch_out = True
+  m = models.build(cfg)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, SIZE, SIZE, 3))
+  v = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, train=False))
+  ffn = v["params"]["stage1"]["block0"]["grid_ffn"]
+  assert "bn_out" in ffn and "bias" not in ffn["fc2"], sorted(ffn)
+  n_lit = sum(a.size for a in jax.tree_util.tree_leaves(v["params"]))
+  n_ref = _n_params(_nano(timesteps=2), SIZE)
+  dims = models.VARIANTS["nano"]["dims"]
+  assert n_lit == n_ref + sum(c for c in dims), (n_lit, n_ref)  # +BN (2C) -fc2 bias (C)
+  # Compiled on one FFN: the output SPK emits 0/1 spikes, which the layer scale multiplies.
+  from spikeatconv_jax.layers.attention import FFN
+
+  ffn_mod = FFN(_nano().spk, spk_out=True)
+  h = jax.random.normal(jax.random.PRNGKey(1), (2, 2, 4, 4, 32))
+  fv = ffn_mod.init(jax.random.PRNGKey(2), h, train=False)
+  _, inter = ffn_mod.apply(
+    fv, h, train=True, capture_intermediates=True, mutable=["intermediates", "batch_stats"]
+  )
+  s = np.asarray(inter["intermediates"]["spk_out"]["__call__"][0])
+  assert set(np.unique(s)) <= {0.0, 1.0} and s.max() == 1.0

@@ -314,3 +314,24 @@ def test_make_spk_from_config_builds_the_same_module(kind):
     None,
     0.5,
   )
+
+
+def test_neuron_time_mode_outputs_the_mean_rate_of_repeated_steps():
+  # DESIGN.md §1 time_mode='neuron': a T=1 input repeated n=3 times inside the LIF (τ=2, θ=1,
+  # hard reset). x=1.2 charges 0.6, 0.9, 1.05 and fires once; x=2.0 fires every step;
+  # x=0.5 tends to 0.5 and never fires; x=0.9 reaches 0.45, 0.675, 0.7875: never.
+  x = jnp.array([0.5, 0.9, 1.2, 2.0, 4.5]).reshape(1, 1, 5)
+  y = SPK(kind="sl", neuron_timesteps=3).apply({}, x)
+  np.testing.assert_allclose(np.asarray(y)[0, 0], [0.0, 0.0, 1 / 3, 1.0, 1.0], rtol=1e-6)
+  # The same as running the repeated input through the multi-step LIF and averaging it.
+  ref = lif_multistep(jnp.broadcast_to(x, (3, 1, 5))).mean(axis=0, keepdims=True)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref))
+  # MBPL with the sum merge: the spike counts of K branches, each averaged over n steps.
+  y = SPK(kind="mbpl", mbpl_merge="sum", neuron_timesteps=2).apply({}, x)
+  ref = sum(
+    lif_multistep(jnp.broadcast_to(x, (2, 1, 5)), v_threshold=th).mean(axis=0, keepdims=True)
+    for th in (0.2, 1.0, 2.0, 4.0)
+  )
+  np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6)
+  with pytest.raises(ValueError, match="T=1"):
+    SPK(kind="sl", neuron_timesteps=3).apply({}, jnp.ones((2, 1, 5)))

@@ -199,9 +199,14 @@ class FFN(nn.Module):
 
   W₂'s output stays real (SDT-V2 membrane shortcut). In the spike-free net the hidden SPK is
   GELU (where MaxViT's MLP has GELU) and the input SPK is the identity.
+
+  `spk_out=True` is the paper's literal "each FFN linear is followed by SPK"
+  (`model.spk_after_branch_out`): W₂ (no bias, a BN follows) -> BN -> SPK, so the branch adds
+  spikes to the residual stream.
   """
 
   spk: Any
+  spk_out: bool = False
   expansion: int = 4
   drop_path: float = 0.0
   dtype: Dtype = jnp.float32
@@ -218,6 +223,9 @@ class FFN(nn.Module):
     y = common.dense(self.expansion * c, use_bias=False, dtype=dt, name="fc1")(y)
     y = common.batch_norm(train=train, dtype=dt, name="bn", scale_init=init_scale)(y)
     y = make_spk(self.spk, none_act="gelu", name="spk_hidden", dtype=dt)(y, train=train)
-    y = common.dense(c, use_bias=True, dtype=dt, name="fc2")(y)
+    y = common.dense(c, use_bias=not self.spk_out, dtype=dt, name="fc2")(y)
+    if self.spk_out:
+      y = common.batch_norm(train=train, dtype=dt, name="bn_out", scale_init=init_scale)(y)
+      y = make_spk(self.spk, name="spk_out", dtype=dt)(y, train=train)
     y = common.LayerScale(name="layer_scale")(y)
     return x + common.DropPath(self.drop_path, name="drop_path")(y, train=train)

@@ -21,6 +21,7 @@ from spikeatconv_jax.models.spikeatconv import DTYPES, VARIANTS, SpikeAtConv, st
 from spikeatconv_jax.snn.spk import MBPL_MERGES, RL_MODES, SPK_KINDS
 
 MODEL_NAMES = ("spikeatconv", "resnet18_cifar")
+TIME_MODES = ("network", "neuron")
 
 
 def _frozen(cfg: Any) -> ml_collections.FrozenConfigDict:
@@ -49,6 +50,8 @@ def check_config(cfg: Any) -> None:
   t = cfg.get("timesteps", 1)
   if not isinstance(t, int) or t < 1:
     raise ValueError(f"model.timesteps must be an integer >= 1, got {t!r}")
+  if cfg.get("time_mode", "network") not in TIME_MODES:
+    raise ValueError(f"unknown model.time_mode {cfg.time_mode!r}; known: {', '.join(TIME_MODES)}")
   if cfg.get("dtype", "float32") not in DTYPES:
     raise ValueError(f"unknown model.dtype {cfg.get('dtype')!r}; known: {', '.join(DTYPES)}")
   spk = cfg.spk
@@ -122,13 +125,39 @@ def validate(model_config: Any, image_size: int | tuple[int, int]) -> None:
     )
 
 
+def network_timesteps(model_config: Any) -> int:
+  """Time steps the network runs: `timesteps`, or 1 under `time_mode='neuron'`."""
+  if model_config.get("time_mode", "network") == "neuron":
+    return 1
+  return int(model_config.get("timesteps", 1))
+
+
+def _apply_time_mode(cfg: Any) -> Any:
+  """time_mode='neuron': the net at T=1, every SPK repeating its input `timesteps` times."""
+  if cfg.get("time_mode", "network") != "neuron" or int(cfg.timesteps) == 1:
+    return cfg
+  out = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+  out.spk.neuron_timesteps = int(cfg.timesteps)
+  out.timesteps = 1
+  return out
+
+
 def build(model_config: Any) -> nn.Module:
   """The Flax module for a `config.model` ConfigDict (DESIGN.md §13 names)."""
   check_config(model_config)
-  cfg = _frozen(model_config)
+  cfg = _frozen(_apply_time_mode(model_config))
   if cfg.get("name", "spikeatconv") == "resnet18_cifar":
     return ResNet18(cfg)
   return SpikeAtConv(cfg)
 
 
-__all__ = ["MODEL_NAMES", "VARIANTS", "build", "check_config", "valid_image_sizes", "validate"]
+__all__ = [
+  "MODEL_NAMES",
+  "TIME_MODES",
+  "VARIANTS",
+  "build",
+  "check_config",
+  "network_timesteps",
+  "valid_image_sizes",
+  "validate",
+]

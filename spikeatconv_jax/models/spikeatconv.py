@@ -71,7 +71,9 @@ class SpikeAtConvBlock(nn.Module):
         name=f"{part}_attn",
         **kw,
       )(x, train=train)
-      x = FFN(spk, name=f"{part}_ffn", **kw)(x, train=train)
+      x = FFN(
+        spk, spk_out=bool(self.cfg.get("spk_after_branch_out", False)), name=f"{part}_ffn", **kw
+      )(x, train=train)
     return x
 
 

@@ -111,14 +111,17 @@ def _lif_bwd(p: LIFParams, h, g):
       dv_dh = 1.0 - heaviside(u)
       if not p.detach_reset:
         dv_dh = dv_dh + (p.v_reset - ht) * sg
-    gh = gt.astype(jnp.float32) * sg + gv * dv_dh
+    gh = gt * sg + gv * dv_dh
     return gh * k, (gh * dh_dx).astype(g.dtype)
 
+  # As in the forward: upcast the cotangent once, not one slice per step.
+  gf = g.astype(jnp.float32)
+  h = lax.optimization_barrier(h)
   if h.shape[0] == 1:
-    _, gx = step(jnp.zeros(h.shape[1:], jnp.float32), (h[0], g[0]))
+    _, gx = step(jnp.zeros(h.shape[1:], jnp.float32), (h[0], gf[0]))
     return (gx[None],)
   _, gx = lax.scan(
-    step, jnp.zeros(h.shape[1:], jnp.float32), (h, g), reverse=True, unroll=_unroll(h.shape[0])
+    step, jnp.zeros(h.shape[1:], jnp.float32), (h, gf), reverse=True, unroll=_unroll(h.shape[0])
   )
   return (gx,)
 

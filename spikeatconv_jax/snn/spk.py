@@ -66,6 +66,8 @@ class SPK(nn.Module):
     tau, v_reset, decay_input, detach_reset, surrogate, alpha: LIF settings (DESIGN.md §2).
     rl_mode, mbpl_merge, dcl_norm: per-kind options (DESIGN.md §3).
     none_act: what kind='none' computes ('identity' or 'gelu').
+    neuron_timesteps: n > 1 is DESIGN.md §1's `time_mode='neuron'`: each LIF repeats its
+      (single-step, T=1) input n times and outputs its mean spike rate, in {0, 1/n, ..., 1}.
   """
 
   kind: str = "sl"
@@ -81,6 +83,7 @@ class SPK(nn.Module):
   mbpl_merge: str = "dwconv"
   dcl_norm: bool = False
   none_act: str = "identity"
+  neuron_timesteps: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -96,6 +99,15 @@ class SPK(nn.Module):
     return tuple(float(t) * self.threshold_scale for t in th)
 
   def _lif(self, x, v_threshold):
+    n = int(self.neuron_timesteps)
+    if n > 1:
+      if x.shape[0] != 1:
+        raise ValueError(f"time_mode='neuron' runs the network at T=1; this SPK got T={x.shape[0]}")
+      s = self._lif_steps(jnp.broadcast_to(x, (n,) + x.shape[1:]), v_threshold)
+      return jnp.mean(s.astype(jnp.float32), axis=0, keepdims=True).astype(x.dtype)
+    return self._lif_steps(x, v_threshold)
+
+  def _lif_steps(self, x, v_threshold):
     return lif_multistep(
       x,
       tau=self.tau,
@@ -225,6 +237,7 @@ def make_spk(cfg: Any, *, threshold_scale: float = 1.0, none_act: str = "identit
     mbpl_merge=get("mbpl_merge", "dwconv"),
     dcl_norm=bool(get("dcl_norm", False)),
     none_act=none_act,
+    neuron_timesteps=int(get("neuron_timesteps", 1)),
     **kw,
   )
 
