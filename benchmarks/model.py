@@ -99,6 +99,7 @@ def run_setting(args, t: int, net: str) -> dict:
   cfg.attention.partition = args.partition or p
   cfg.dtype = args.dtype
   cfg.remat = args.remat
+  cfg.scan_blocks = args.scan_blocks
   models.validate(cfg, size)
   model = models.build(cfg)
   b = args.batch
@@ -145,6 +146,7 @@ def run_setting(args, t: int, net: str) -> dict:
     batch=b,
     dtype=args.dtype,
     remat=args.remat,
+    scan_blocks=args.scan_blocks,
     dwconv=dwconv.implementation() if hasattr(dwconv, "implementation") else "lax",
   )
   rng = jax.random.PRNGKey(3)
@@ -196,6 +198,9 @@ def main():
   ap.add_argument("--classes", type=int, default=1000)
   ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ap.add_argument("--remat", action="store_true")
+  ap.add_argument(
+    "--scan-blocks", action="store_true", help="model.scan_blocks: nn.scan over a stage's blocks"
+  )
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument(
     "--compile-only", action="store_true",

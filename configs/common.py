@@ -118,6 +118,9 @@ def model_config(
   m.drop_path = config_dict.placeholder(float)  # None: the variant's default (DESIGN.md §7)
   m.dtype = "float32"  # compute dtype; params and membrane stay float32
   m.remat = False  # per-block jax.checkpoint
+  # nn.scan over blocks 1..depth-1 of each stage: compile time stops growing with depth;
+  # parameter names are the same either way.
+  m.scan_blocks = False
   m.stem_act = "gelu"  # gelu | spk
   m.spk = spk_config(spk)
   m.attention = ml_collections.ConfigDict()

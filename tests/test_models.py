@@ -273,3 +273,62 @@ def test_spk_after_branch_out_spikes_the_ffn_output():
   )
   s = np.asarray(inter["intermediates"]["spk_out"]["__call__"][0])
   assert set(np.unique(s)) <= {0.0, 1.0} and s.max() == 1.0
+
+
+@pytest.fixture
+def deep_variant(monkeypatch):
+  """A nano-width variant with a 3-block stage (nano has one block per stage: nothing to scan)."""
+  from spikeatconv_jax.models import spikeatconv as sac
+
+  variants = dict(sac.VARIANTS)
+  variants["deep"] = dict(dims=(32, 32, 32, 32), depths=(1, 1, 3, 1), stem=(16, 32), drop_path=0)
+  monkeypatch.setattr(sac, "VARIANTS", variants)
+  monkeypatch.setattr(models, "VARIANTS", variants)
+
+
+def test_scan_blocks_keeps_names_and_results(deep_variant):
+  """model.scan_blocks: the same variable tree, and with the same variables the same logits,
+  gradients, BatchNorm updates and sown rates as the unrolled stage (remat on under the scan)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))  # stage maps 4/2/1/1
+
+  def build(scan):
+    cfg = _nano(timesteps=2)
+    cfg.variant, cfg.drop_path, cfg.scan_blocks, cfg.remat = "deep", 0.0, scan, scan
+    return models.build(cfg)
+
+  m0, m1 = build(False), build(True)
+  v0 = m0.init(jax.random.PRNGKey(1), x, train=False)
+  v1 = jax.eval_shape(lambda: m1.init(jax.random.PRNGKey(1), x, train=False))
+  assert _shapes(v0) == _shapes(v1)
+  assert "block2" in v0["params"]["stage2"] and "blocks" not in v0["params"]["stage2"]
+
+  def run(m):
+    def loss(p):
+      out, mut = m.apply(
+        {**v0, "params": p}, x, train=True, rngs={"dropout": jax.random.PRNGKey(5)},
+        mutable=["batch_stats", "spikes"],
+      )  # fmt: skip
+      return out.sum(), (out, mut)
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(v0["params"])
+
+  (_, (o0, mut0)), g0 = run(m0)
+  (_, (o1, mut1)), g1 = run(m1)
+  np.testing.assert_allclose(np.asarray(o1), np.asarray(o0), rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves((g0, mut0)), jax.tree_util.tree_leaves((g1, mut1))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+  assert jax.tree_util.tree_structure(mut0) == jax.tree_util.tree_structure(mut1)
+  g_bias = g1["stage2"]["block2"]["grid_attn"]["rel_pos"]
+  assert float(jnp.abs(jax.tree_util.tree_leaves(g_bias)[0]).sum()) > 0
+
+
+def test_drop_path_rate_can_be_traced():
+  """DropPath with a call-time (traced) rate, as under nn.scan, equals the static rate."""
+  from spikeatconv_jax.layers.common import DropPath
+
+  x = jnp.ones((2, 16, 3, 3, 4))
+  rngs = {"dropout": jax.random.PRNGKey(0)}
+  ref = DropPath(0.5).apply({}, x, train=True, rngs=rngs)
+  got = jax.jit(lambda r: DropPath().apply({}, x, train=True, rate=r, rngs=rngs))(0.5)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  assert 0 < float((ref[0, :, 0, 0, 0] == 0).mean()) < 1  # some samples dropped, not all

@@ -155,7 +155,7 @@ class Attention(nn.Module):
   }  # the attention core's q/k/v sites are read by name in energy.py
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, drop_rate: Any = None) -> jax.Array:
     check_attention_kind(self.kind)
     t, b, h, w, c = x.shape
     if c % self.head_dim:
@@ -191,7 +191,7 @@ class Attention(nn.Module):
     o = make_spk(self.spk, threshold_scale=0.5, name="spk_out", dtype=dt)(o, train=train)
     o = common.dense(c, use_bias=True, dtype=dt, name="proj")(o)
     o = common.LayerScale(name="layer_scale")(o)
-    return x + common.DropPath(self.drop_path, name="drop_path")(o, train=train)
+    return x + common.DropPath(self.drop_path, name="drop_path")(o, train=train, rate=drop_rate)
 
 
 class FFN(nn.Module):
@@ -214,7 +214,7 @@ class FFN(nn.Module):
   ENERGY_SOURCES: ClassVar[dict[str, str]] = {"fc1": "spk_in", "fc2": "spk_hidden"}
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, drop_rate: Any = None) -> jax.Array:
     c = x.shape[-1]
     init_scale = float(self.spk.get("norm_init_scale", 1.0))
     dt = self.dtype
@@ -228,4 +228,4 @@ class FFN(nn.Module):
       y = common.batch_norm(train=train, dtype=dt, name="bn_out", scale_init=init_scale)(y)
       y = make_spk(self.spk, name="spk_out", dtype=dt)(y, train=train)
     y = common.LayerScale(name="layer_scale")(y)
-    return x + common.DropPath(self.drop_path, name="drop_path")(y, train=train)
+    return x + common.DropPath(self.drop_path, name="drop_path")(y, train=train, rate=drop_rate)

@@ -127,20 +127,25 @@ class DropPath(nn.Module):
 
   The mask has shape [1, B, 1, ...] (DESIGN.md §5) and uses the "dropout" rng; kept samples are
   scaled by 1/(1-rate). Identity when not training or rate == 0.
+
+  `rate` given at call time overrides the attribute; it may be a traced scalar (blocks run
+  under `nn.scan` take their per-block rate as a scanned input).
   """
 
   rate: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    if not train or self.rate == 0.0:
+  def __call__(self, x: jax.Array, *, train: bool, rate: Any = None) -> jax.Array:
+    if rate is None:
+      rate = self.rate
+      if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path rate must be in [0, 1), got {rate}")
+    if not train or (isinstance(rate, float | int) and rate == 0.0):
       return x
-    if not 0.0 <= self.rate < 1.0:
-      raise ValueError(f"drop_path rate must be in [0, 1), got {self.rate}")
-    keep = 1.0 - self.rate
+    keep = 1.0 - rate
     shape = (1, x.shape[1]) + (1,) * (x.ndim - 2)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
-    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+    return jnp.where(mask, x / jnp.asarray(keep).astype(x.dtype), jnp.zeros_like(x))
 
 
 def drop_path_rates(max_rate: float, depths: tuple[int, ...]) -> list[list[float]]:

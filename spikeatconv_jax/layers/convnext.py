@@ -89,7 +89,7 @@ class ConvBranch(nn.Module):
   }
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, drop_rate: Any = None) -> jax.Array:
     t, b, h, w, cin = x.shape
     c, dt = self.width, self.dtype
     if c % cin:
@@ -121,4 +121,4 @@ class ConvBranch(nn.Module):
     y = make_spk(self.spk, none_act="gelu", name="spk_fc1", dtype=dt)(y, train=train)
     y = common.dense(c, use_bias=True, dtype=dt, name="fc2")(y)
     y = common.LayerScale(name="layer_scale")(y)
-    return sc + common.DropPath(self.drop_path, name="drop_path")(y, train=train)
+    return sc + common.DropPath(self.drop_path, name="drop_path")(y, train=train, rate=drop_rate)

@@ -9,7 +9,15 @@ logits are the mean over T (float32).
 
 Module paths (and so sown spike paths and parameter names) are "stem/...",
 "stage{s}/block{b}/{conv,block_attn,block_ffn,grid_attn,grid_ffn}/...", "head_ln", "head";
-they do not change with `model.remat`.
+they do not change with `model.remat` or `model.scan_blocks`.
+
+`model.scan_blocks` runs blocks 1..depth-1 of each stage (identical in shape) as one `nn.scan`,
+so the compiled graph holds one copy of the block per stage instead of `depth`; XLA's compile
+time then stops growing with depth (base and large). The scanned blocks keep their variables
+stacked on a leading axis inside the scan only: `nn.map_variables` presents them to the outside
+as the usual "block{b}" entries (parameters, BatchNorm statistics and sown spike rates alike),
+so checkpoints, weight-decay masks, sharding rules and rate reports are the same with it on or
+off. (Initial values differ, since the scan splits the init RNG per block.)
 """
 
 from __future__ import annotations
@@ -55,10 +63,11 @@ class SpikeAtConvBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool, drop_rate: Any = None) -> jax.Array:
     spk, att = self.cfg.spk, self.cfg.attention
     kw = dict(drop_path=self.drop_path, dtype=self.dtype)
-    x = ConvBranch(self.width, self.stride, spk, name="conv", **kw)(x, train=train)
+    dr = dict(train=train, drop_rate=drop_rate)  # drop_rate: a traced override under nn.scan
+    x = ConvBranch(self.width, self.stride, spk, name="conv", **kw)(x, **dr)
     units = ("block", "grid") if att.block_attention else ("grid",)
     for part in units:
       x = Attention(
@@ -70,11 +79,62 @@ class SpikeAtConvBlock(nn.Module):
         spk,
         name=f"{part}_attn",
         **kw,
-      )(x, train=train)
+      )(x, **dr)
       x = FFN(
         spk, spk_out=bool(self.cfg.get("spk_after_branch_out", False)), name=f"{part}_ffn", **kw
-      )(x, train=train)
+      )(x, **dr)
     return x
+
+
+class _ScanBlock(SpikeAtConvBlock):
+  """SpikeAtConvBlock with nn.scan's (carry, x) -> (carry, y) signature; x = its drop rate."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, drop_rate: jax.Array, train: bool):
+    return super().__call__(x, train, drop_rate), None
+
+
+SCANNED = "blocks"  # the stacked view of blocks 1..depth-1, seen only inside Stage
+
+
+def _stack_blocks(depth: int):
+  """{block0, block1, ...} -> {block0, blocks: stacked block1..} for every collection."""
+
+  def per_collection(tree):
+    tree = dict(tree)
+    rest = [tree.pop(f"block{b}") for b in range(1, depth) if f"block{b}" in tree]
+    if rest:
+      tree[SCANNED] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *rest)
+    return tree
+
+  return lambda cols: {k: per_collection(v) for k, v in cols.items()}
+
+
+def _unstack_blocks(depth: int):
+  """The inverse of _stack_blocks."""
+
+  def per_collection(tree):
+    tree = dict(tree)
+    if SCANNED in tree:
+      stacked = tree.pop(SCANNED)
+      for b in range(1, depth):
+        tree[f"block{b}"] = jax.tree_util.tree_map(lambda a, i=b - 1: a[i], stacked)
+    return tree
+
+  return lambda cols: {k: per_collection(v) for k, v in cols.items()}
+
+
+def stage_class(depth: int, scan: bool) -> type[nn.Module]:
+  """Stage, or (scan_blocks with depth > 2) Stage behind the stacked/unstacked variable view."""
+  if not scan or depth < 3:
+    return Stage
+  return nn.map_variables(
+    Stage,
+    mapped_collections=True,
+    trans_in_fn=_stack_blocks(depth),
+    trans_out_fn=_unstack_blocks(depth),
+    mutable=True,
+  )
 
 
 class Stage(nn.Module):
@@ -88,11 +148,13 @@ class Stage(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    remat = bool(self.cfg.get("remat", False))
     block_cls = SpikeAtConvBlock
-    if self.cfg.get("remat", False):
+    if remat:
       # static_argnums counts self: `train` (argument 2) must stay a Python bool.
       block_cls = nn.remat(SpikeAtConvBlock, static_argnums=(2,))
-    for b in range(self.depth):
+    scan = bool(self.cfg.get("scan_blocks", False)) and self.depth >= 3
+    for b in range(1 if scan else self.depth):
       x = block_cls(
         self.width,
         2 if b == 0 else 1,
@@ -101,6 +163,18 @@ class Stage(nn.Module):
         dtype=self.dtype,
         name=f"block{b}",  # explicit: nn.remat would otherwise rename the module
       )(x, train)
+    if scan:
+      body = nn.remat(_ScanBlock, static_argnums=(3,), prevent_cse=False) if remat else _ScanBlock
+      blocks = nn.scan(
+        body,
+        variable_axes={True: 0},  # every collection: params, batch_stats, spikes
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0, nn.broadcast),
+        length=self.depth - 1,
+      )
+      rates = jnp.asarray(self.drop_paths[1:], jnp.float32)
+      # drop_path=0 here: each step takes its own rate from `rates`.
+      x, _ = blocks(self.width, 1, self.cfg, 0.0, dtype=self.dtype, name=SCANNED)(x, rates, train)
     return x
 
 
@@ -123,8 +197,10 @@ class SpikeAtConv(nn.Module):
     x = Stem(
       tuple(v["stem"]), t, cfg.spk, stem_act=cfg.get("stem_act", "gelu"), dtype=dtype, name="stem"
     )(images, train=train)  # [T, B, H/2, W/2, C0]
+    scan = bool(cfg.get("scan_blocks", False))
     for s, (width, depth) in enumerate(zip(v["dims"], v["depths"], strict=True)):
-      x = Stage(width, depth, cfg, tuple(rates[s]), dtype=dtype, name=f"stage{s}")(x, train)
+      stage = stage_class(depth, scan)
+      x = stage(width, depth, cfg, tuple(rates[s]), dtype=dtype, name=f"stage{s}")(x, train)
     x = jnp.mean(x, axis=(2, 3))  # GAP: [T, B, C]
     x = common.layer_norm(dtype=dtype, name="head_ln")(x)
     logits = common.dense(cfg.num_classes, use_bias=True, dtype=dtype, name="head")(x)

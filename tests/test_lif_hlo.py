@@ -1,0 +1,66 @@
+"""The LIF adds no layout copies around its scan inside model branches (issue 7).
+
+The spiking ConvNeXt branch followed by an FFN (every SPK kind's sites on the [T, B, H, W, C]
+map layout) is compiled twice for a train-mode forward+backward: once as built, once with every
+LIF replaced by an elementwise stand-in of the same shape and dtype (a Heaviside with a
+straight-through gradient, no scan). Any transpose or copy that the multi-step LIF forces
+around its scan (a [T, ...] <-> [..., T] layout change, a per-step slice copy) would show up as
+extra `transpose`/`copy` instructions, fused or not, in the first optimized HLO.
+
+Not covered: next to the attention's output SPK, the grid un-partition's backward transpose stays
+a separate instruction with the LIF (its backward is a multi-output fusion that does not absorb
+it), while the elementwise stand-in fuses it. That permutation belongs to the attention and is
+executed either way (2 transposes and 3 copies at the shapes below, T=2).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs.common import model_config
+from spikeatconv_jax.layers import dwconv
+from spikeatconv_jax.layers.attention import FFN
+from spikeatconv_jax.layers.convnext import ConvBranch
+from spikeatconv_jax.snn import spk as spk_module
+
+LAYOUT_OPS = re.compile(r"=\s*\S+\s+(transpose|copy)\(")
+
+
+def _elementwise_lif(x, *, v_threshold=1.0, **_):
+  h = x.astype(jnp.float32) - v_threshold
+  s = jnp.where(h >= 0, 1.0, 0.0)
+  return (h + jax.lax.stop_gradient(s - h)).astype(x.dtype)
+
+
+def _layout_ops(kind: str, t: int) -> tuple[int, int]:
+  cfg = model_config(variant="nano", spk=kind, num_classes=10, timesteps=t)
+  cfg.attention.partition = 4
+  conv, ffn = ConvBranch(32, 1, cfg.spk), FFN(cfg.spk)
+  x = jax.random.normal(jax.random.PRNGKey(0), (t, 2, 8, 8, 32))
+  variables = {
+    "conv": conv.init(jax.random.PRNGKey(1), x, train=False),
+    "ffn": ffn.init(jax.random.PRNGKey(2), x, train=False),
+  }
+
+  def loss(params, x):
+    mut = ["batch_stats", "spikes"]
+    y, _ = conv.apply({**variables["conv"], "params": params["conv"]}, x, train=True, mutable=mut)
+    y, _ = ffn.apply({**variables["ffn"], "params": params["ffn"]}, y, train=True, mutable=mut)
+    return jnp.sum(y**2)
+
+  params = {k: v["params"] for k, v in variables.items()}
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+  ops = LAYOUT_OPS.findall(hlo)
+  return ops.count("transpose"), ops.count("copy")
+
+
+@pytest.mark.parametrize("kind", ["sl", "rl", "mbpl"])
+def test_lif_adds_no_transposes_or_copies(kind, monkeypatch):
+  with dwconv.using("lax"):
+    with_lif = _layout_ops(kind, 2)
+    monkeypatch.setattr(spk_module, "lif_multistep", _elementwise_lif)
+    without = _layout_ops(kind, 2)
+  assert with_lif == without, f"(transposes, copies) with LIF {with_lif}, stand-in {without}"
