@@ -204,16 +204,16 @@ def test_matmul_form_equals_lax(h, w, k, s, m):
 def _branch_sum_reference(x, kern, strides):
   """Σ_k of K separate lax depthwise convs: the grouped conv K*C -> C written the long way."""
   return sum(
-    dwconv.depthwise_conv2d_lax(x[..., k, :], kern[:, :, k, :, None], strides)
-    for k in range(x.shape[3])
+    dwconv.depthwise_conv2d_lax(x[..., k], kern[:, :, k, :, None], strides)
+    for k in range(x.shape[4])
   )
 
 
 @pytest.mark.parametrize("impl", ["lax", "shift", "matmul"])
 @pytest.mark.parametrize("h,w,k,s", [(8, 8, 7, 1), (5, 6, 7, 2), (1, 1, 7, 1), (9, 7, 3, 1)])
 def test_branch_sum_equals_separate_convs(impl, h, w, k, s):
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, h, w, 3, 5))
-  kern = jax.random.normal(jax.random.PRNGKey(1), (k, k, 3, 5))
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, h, w, 5, 3))  # [N, H, W, C, K]
+  kern = jax.random.normal(jax.random.PRNGKey(1), (k, k, 3, 5))  # [kh, kw, K, C]
   want = _branch_sum_reference(x, kern, (s, s))
   f = lambda a, b: dwconv.depthwise_conv2d_sum(a, b, (s, s), impl=impl)
   got = f(x, kern)
@@ -230,16 +230,18 @@ def test_branch_sum_equals_separate_convs(impl, h, w, k, s):
 
 
 def test_branch_sum_module_keeps_the_stacked_kernel():
-  # MBPL's merge: K=4 branches of C=6 channels stacked on channels (channel k*C + c).
+  # MBPL's merge: K=4 branches of C=6 channels stacked on channels (channel c*K + k); the
+  # kernel stays indexed k*C + c.
   module = dwconv.DepthwiseConv(kernel_size=7, sum_branches=4, use_bias=True)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 24))
   params = module.init(jax.random.PRNGKey(1), x)["params"]
   assert params["kernel"].shape == (7, 7, 24, 1) and params["bias"].shape == (6,)
   params = {"kernel": params["kernel"], "bias": jnp.arange(6.0)}
   y = module.apply({"params": params}, x)
-  per_branch = dwconv.depthwise_conv2d_lax(x, params["kernel"]).reshape(2, 8, 8, 4, 6).sum(3)
+  x_kc = x.reshape(2, 8, 8, 6, 4).swapaxes(3, 4).reshape(2, 8, 8, 24)  # channel k*C + c
+  per_branch = dwconv.depthwise_conv2d_lax(x_kc, params["kernel"]).reshape(2, 8, 8, 4, 6).sum(3)
   np.testing.assert_allclose(y, per_branch + jnp.arange(6.0), atol=1e-4, rtol=1e-5)
   with pytest.raises(ValueError, match="divisible"):
     dwconv.DepthwiseConv(sum_branches=4).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 6)))
-  with pytest.raises(ValueError, match=r"\[N, H, W, K, C\]"):
+  with pytest.raises(ValueError, match=r"\[N, H, W, C, K\]"):
     dwconv.depthwise_conv2d_sum(jnp.zeros((1, 4, 4, 6)), jnp.zeros((7, 7, 1, 6)))

@@ -34,7 +34,7 @@ def _elementwise_lif(x, *, v_threshold=1.0, **_):
   return (h + jax.lax.stop_gradient(s - h)).astype(x.dtype)
 
 
-def _layout_ops(kind: str, t: int) -> tuple[int, int]:
+def _hlo(kind: str, t: int) -> str:
   cfg = model_config(variant="nano", spk=kind, num_classes=10, timesteps=t)
   cfg.attention.partition = 4
   conv, ffn = ConvBranch(32, 1, cfg.spk), FFN(cfg.spk)
@@ -52,8 +52,11 @@ def _layout_ops(kind: str, t: int) -> tuple[int, int]:
 
   params = {k: v["params"] for k, v in variables.items()}
 
-  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
-  ops = LAYOUT_OPS.findall(hlo)
+  return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+
+
+def _layout_ops(kind: str, t: int) -> tuple[int, int]:
+  ops = LAYOUT_OPS.findall(_hlo(kind, t))
   return ops.count("transpose"), ops.count("copy")
 
 

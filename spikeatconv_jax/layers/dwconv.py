@@ -308,15 +308,15 @@ def _toeplitz_selector(h, w, kh, kw, sh, sw) -> np.ndarray:
 def _toeplitz_matmul(x: jax.Array, taps: jax.Array, hw, kernel_hw, strides) -> jax.Array:
   """y[n, q, c] = Σ_{p, k} x[n, p, k, c] · T_c[q, (p, k)], one matrix product per channel.
 
-  x [N, HW, K, C]; taps [kh*kw, K, C]; returns [N, H'W', C] in float32. The channel is the
+  x [N, HW, C, K]; taps [kh*kw, K, C]; returns [N, H'W', C] in float32. The channel is the
   leading (batch) axis of the product and the K branches share its contraction with the input
   positions, so the product reads [C, N, HW*K] x [C, HW*K, H'W'] at once.
   """
-  n, npos, k, c = x.shape
+  n, npos, c, k = x.shape
   sel = jnp.asarray(_toeplitz_selector(*hw, *kernel_hw, *strides), x.dtype)
   mat = jnp.einsum("tqp,tkc->cpkq", sel, taps.astype(x.dtype))  # [C, HW, K, H'W']
   mat = mat.reshape(c, npos * k, -1)
-  xs = jnp.transpose(x.reshape(n, npos * k, c), (2, 0, 1))  # [C, N, HW*K]
+  xs = jnp.transpose(x, (2, 0, 1, 3)).reshape(c, n, npos * k)  # [C, N, HW*K]
   y = lax.dot_general(
     xs, mat, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32
   )  # [C, N, H'W']
@@ -330,9 +330,9 @@ def depthwise_conv2d_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[i
   kh, kw, _, m = kernel.shape
   ho, wo = -(-h // strides[0]), -(-w // strides[1])
   dtype = jnp.promote_types(x.dtype, kernel.dtype)
-  xf = x.astype(dtype).reshape(n, h * w, 1, c)
+  xf = x.astype(dtype).reshape(n, h * w, c, 1)
   if m > 1:
-    xf = jnp.repeat(xf, m, axis=-1)  # input channel c feeds outputs c*M .. c*M + M-1
+    xf = jnp.repeat(xf, m, axis=2)  # input channel c feeds outputs c*M .. c*M + M-1
   taps = kernel.astype(dtype).reshape(kh * kw, 1, c * m)
   y = _toeplitz_matmul(xf, taps, (h, w), (kh, kw), strides)
   return y.reshape(n, ho, wo, c * m).astype(dtype)
@@ -349,9 +349,9 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (
 
 
 def _check_sum(x: jax.Array, kernel: jax.Array) -> None:
-  if x.ndim != 5 or kernel.ndim != 4 or kernel.shape[2:] != x.shape[3:]:
+  if x.ndim != 5 or kernel.ndim != 4 or kernel.shape[2:] != x.shape[:2:-1]:
     raise ValueError(
-      "branch-summed depthwise conv wants x [N, H, W, K, C] and kernel [kh, kw, K, C]; "
+      "branch-summed depthwise conv wants x [N, H, W, C, K] and kernel [kh, kw, K, C]; "
       f"got {x.shape}, {kernel.shape}"
     )
 
@@ -359,29 +359,32 @@ def _check_sum(x: jax.Array, kernel: jax.Array) -> None:
 def depthwise_conv2d_sum(
   x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), impl: str | None = None
 ) -> jax.Array:
-  """Σ_k depthwise_conv2d(x[..., k, :], kernel[:, :, k, :]): [N, H, W, K, C] -> [N, H', W', C].
+  """Σ_k depthwise_conv2d(x[..., k], kernel[:, :, k, :]): [N, H, W, C, K] -> [N, H', W', C].
 
   The grouped convolution from K*C to C channels with groups=C (MBPL's merge, DESIGN.md §3),
   chosen per backend like `depthwise_conv2d` (or by `impl`): lax's grouped conv, the shift
-  form over the K*C stacked channels then a sum over K, or the Toeplitz product with the K
-  branches inside its contraction (small maps on CPU; no [N, H', W', K, C] intermediate).
+  form over the C*K stacked channels then a sum over K, or the Toeplitz product with the K
+  branches inside its contraction (small maps on CPU; no [N, H', W', C, K] intermediate).
+  The branch axis is minor so that lax's groups (K consecutive channels per output channel)
+  are a free reshape of x, with no transpose.
   """
   _check_sum(x, kernel)
-  n, h, w, k, c = x.shape
+  n, h, w, c, k = x.shape
   kh, kw = kernel.shape[:2]
-  strides = _check(x[..., 0, :], kernel[:, :, 0, :, None], strides)
+  strides = _check(x[..., 0], kernel[:, :, 0, :, None], strides)
   impl = impl or implementation((h, w), n)
   dtype = jnp.promote_types(x.dtype, kernel.dtype)
   if impl == "matmul":
     ho, wo = -(-h // strides[0]), -(-w // strides[1])
     taps = kernel.astype(dtype).reshape(kh * kw, k, c)
-    y = _toeplitz_matmul(x.astype(dtype).reshape(n, h * w, k, c), taps, (h, w), (kh, kw), strides)
+    y = _toeplitz_matmul(x.astype(dtype).reshape(n, h * w, c, k), taps, (h, w), (kh, kw), strides)
     return y.reshape(n, ho, wo, c).astype(dtype)
   if impl == "shift":
-    y = depthwise_conv2d_shift(x.reshape(n, h, w, k * c), kernel.reshape(kh, kw, k * c, 1), strides)
-    return y.reshape(n, *y.shape[1:3], k, c).sum(axis=3, dtype=jnp.float32).astype(dtype)
+    kern = jnp.swapaxes(kernel, 2, 3).reshape(kh, kw, c * k, 1)  # channel c*K + k, like x
+    y = depthwise_conv2d_shift(x.reshape(n, h, w, c * k), kern, strides)
+    return y.reshape(n, *y.shape[1:3], c, k).sum(axis=4, dtype=jnp.float32).astype(dtype)
   # lax: groups of K consecutive input channels (c, k) feed output channel c.
-  xg = jnp.swapaxes(x, 3, 4).reshape(n, h, w, c * k).astype(dtype)
+  xg = x.reshape(n, h, w, c * k).astype(dtype)
   return lax.conv_general_dilated(
     xg,
     kernel.astype(dtype),
@@ -404,9 +407,9 @@ class DepthwiseConv(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.truncated_normal(0.02)
-  # > 1: the input stacks this many branches on channels (channel k*C + c) and the output sums
-  # them: the grouped conv K*C -> C with groups=C (`depthwise_conv2d_sum`). The kernel keeps
-  # the [kh, kw, K*C, 1] shape of the depthwise conv over the stacked channels.
+  # > 1: the input stacks this many branches on channels (channel c*K + k: branch-minor) and the
+  # output sums them: the grouped conv K*C -> C with groups=C (`depthwise_conv2d_sum`). The
+  # kernel keeps the [kh, kw, K*C, 1] shape, indexed k*C + c (branch-major).
   sum_branches: int = 1
 
   @nn.compact
@@ -429,7 +432,7 @@ class DepthwiseConv(nn.Module):
           f"multiplier {self.multiplier}"
         )
       kb = k.reshape(self.kernel_size, self.kernel_size, nb, c // nb)
-      xb = x.reshape(*x.shape[:3], nb, c // nb)
+      xb = x.reshape(*x.shape[:3], c // nb, nb)
       y = depthwise_conv2d_sum(xb.astype(self.dtype), kb.astype(self.dtype), strides)
     if self.use_bias:
       b = self.param("bias", nn.initializers.zeros, (y.shape[-1],), self.param_dtype)
