@@ -19,7 +19,6 @@ import typing
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from spikeatconv_jax.snn.surrogate import heaviside, resolve_alpha, spike, surrogate_grad
@@ -30,27 +29,15 @@ MAX_UNROLL = 8
 
 
 class LIFParams(typing.NamedTuple):
-  """Static LIF settings (hashable, used as a non-differentiable argument).
-
-  `v_threshold` is a float, or (shape, values) for thresholds that vary over trailing axes
-  (e.g. MBPL's K branches run as one LIF over a [..., K, C] input with thresholds [K, 1]).
-  """
+  """Static LIF settings (hashable, used as a non-differentiable argument)."""
 
   tau: float
-  v_threshold: float | tuple
+  v_threshold: float
   v_reset: float | None
   decay_input: bool
   detach_reset: bool
   surrogate: str
   alpha: float
-
-
-def _vth(p: LIFParams):
-  """The threshold as a float or as a constant array broadcasting against one step."""
-  if isinstance(p.v_threshold, float):
-    return p.v_threshold
-  shape, values = p.v_threshold
-  return np.asarray(values, np.float32).reshape(shape)
 
 
 def _charge(v, x, p: LIFParams):
@@ -62,7 +49,7 @@ def _charge(v, x, p: LIFParams):
 
 def _reset(h, s, p: LIFParams):
   if p.v_reset is None:
-    return h - s * _vth(p)
+    return h - s * p.v_threshold
   return s * p.v_reset + (1.0 - s) * h
 
 
@@ -80,7 +67,7 @@ def _forward(x, p: LIFParams):
 
   def step(v, xt):
     h = _charge(v, xt, p)
-    s = heaviside(h - _vth(p))
+    s = heaviside(h - p.v_threshold)
     return _reset(h, s, p), (s.astype(x.dtype), h)
 
   # Upcast the whole input once, before slicing it into steps: with per-step converts of
@@ -116,10 +103,10 @@ def _lif_bwd(p: LIFParams, h, g):
 
   def step(gv, inputs):
     ht, gt = inputs
-    u = ht - _vth(p)
+    u = ht - p.v_threshold
     sg = surrogate_grad(u, p.surrogate, p.alpha)
     if p.v_reset is None:
-      dv_dh = 1.0 if p.detach_reset else 1.0 - _vth(p) * sg
+      dv_dh = 1.0 if p.detach_reset else 1.0 - p.v_threshold * sg
     else:
       dv_dh = 1.0 - heaviside(u)
       if not p.detach_reset:
@@ -145,7 +132,7 @@ _lif.defvjp(_lif_fwd, _lif_bwd)
 def make_params(
   *,
   tau: float = 2.0,
-  v_threshold: typing.Any = 1.0,
+  v_threshold: float = 1.0,
   v_reset: float | None = 0.0,
   decay_input: bool = True,
   detach_reset: bool = True,
@@ -155,14 +142,9 @@ def make_params(
   """Validates LIF settings and resolves the surrogate's default alpha."""
   if not tau > 1.0:
     raise ValueError(f"LIF tau must be > 1 (SpikingJelly asserts it), got {tau}")
-  if isinstance(v_threshold, int | float | np.floating | np.integer):
-    vth = float(v_threshold)
-  else:  # a concrete array of thresholds (not traced: they are static LIF settings)
-    arr = np.asarray(v_threshold, np.float32)
-    vth = (arr.shape, tuple(float(v) for v in arr.ravel()))
   return LIFParams(
     float(tau),
-    vth,
+    float(v_threshold),
     None if v_reset is None else float(v_reset),
     bool(decay_input),
     bool(detach_reset),
@@ -175,7 +157,7 @@ def lif_multistep(
   x: jax.Array,
   *,
   tau: float = 2.0,
-  v_threshold: typing.Any = 1.0,
+  v_threshold: float = 1.0,
   v_reset: float | None = 0.0,
   decay_input: bool = True,
   detach_reset: bool = True,
@@ -188,9 +170,7 @@ def lif_multistep(
     x: input currents, time-major [T, ...], any float dtype (bf16 works; the membrane is
       float32 whatever the input dtype).
     tau: membrane time constant (> 1).
-    v_threshold: firing threshold V_th: a float, or a concrete array that broadcasts against
-      one step `x[t]` (e.g. shape [K, 1] for a [T, ..., K, C] input: K neurons per position
-      with thresholds θ_k, as MBPL runs its branches in one pass).
+    v_threshold: firing threshold V_th.
     v_reset: reset potential for a hard reset, or None for a soft (subtractive) reset.
     decay_input: whether the input is divided by tau when charging.
     detach_reset: whether the reset is excluded from the gradient.
@@ -219,7 +199,7 @@ def lif_multistep_reference(x: jax.Array, **kwargs) -> tuple[jax.Array, jax.Arra
 
   def step(v, xt):
     h = _charge(v, xt.astype(jnp.float32), p)
-    s = spike(h - _vth(p), p.surrogate, p.alpha)
+    s = spike(h - p.v_threshold, p.surrogate, p.alpha)
     s_reset = lax.stop_gradient(s) if p.detach_reset else s
     v_new = _reset(h, s_reset, p)
     return v_new, (s.astype(x.dtype), h, v_new)

@@ -23,7 +23,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from spikeatconv_jax.layers import common
 from spikeatconv_jax.layers.dwconv import DepthwiseConv
@@ -178,22 +177,20 @@ class SPK(nn.Module):
     # mbpl
     if self.mbpl_merge not in MBPL_MERGES:
       raise ValueError(f"unknown mbpl_merge {self.mbpl_merge!r}; known: {', '.join(MBPL_MERGES)}")
-    # The K branches as one LIF over [..., C, K] with thresholds [K]: one pass over x and one
-    # fused kernel (and backward) per site instead of K. Branch-minor, as the merge conv wants.
-    k = len(th)
-    xk = jnp.broadcast_to(x[..., None], x.shape + (k,))
-    spikes_k = self._lif(xk, np.asarray(th, np.float32))  # [T, ..., C, K]
-    rates = jnp.mean(spikes_k.astype(jnp.float32), axis=tuple(range(1, x.ndim)))  # [T, K]
-    self.sow("spikes", "rate", rates.T)
-    count = jnp.sum(spikes_k, axis=-1)
+    # One LIF per branch: on XLA:CPU this is ~50x faster fwd+bwd than one LIF over a
+    # [..., C, K] broadcast with per-branch thresholds (measured at [1, 128, 7, 7, 128]).
+    spikes = [self._lif(x, v) for v in th]
+    self._sow_rates(spikes)
+    count = sum(spikes[1:], spikes[0])
     if self.mbpl_merge == "sum":
       return count
     if x.ndim != 5:
       raise ValueError(f"MBPL merge {self.mbpl_merge!r} needs [T, B, H, W, C], got {x.shape}")
     t, b, h, w, c = x.shape
-    # Z = Σ_k DW7_k(S_k): the K branches stacked on channels (channel c*K + k) through the
-    # grouped conv K*C -> C with groups=C of DESIGN.md §3, one op per site instead of K.
-    stacked = spikes_k.reshape(t * b, h, w, c * k)
+    # Z = Σ_k DW7_k(S_k): the K branches stacked on channels (channel c*K + k, branch-minor, so
+    # that lax's grouped conv K*C -> C with groups=C of DESIGN.md §3 reads it with no transpose).
+    k = len(spikes)
+    stacked = jnp.stack(spikes, axis=-1).reshape(t * b, h, w, c * k)
     z = DepthwiseConv(
       7,
       use_bias=False,
