@@ -2,6 +2,7 @@
 # The Base train step on one GPU: 224 px, bfloat16, T=1 and T=2, MBPL + SISA (the paper's block).
 # Prints train images/s, MFU against the chip's bf16 peak, compile time and peak device memory,
 # as benchmarks/model.py's table and JSON line. Budget: under 8 minutes (hard limit below).
+# Blocks run under nn.scan (model.scan_blocks, as in the ImageNet presets) to keep compiles short.
 #
 #   bash benchmarks/gpu.sh                     # PEAK_TFLOPS: the chip's dense bf16 rate
 #   PEAK_TFLOPS=989 BATCH=64 bash benchmarks/gpu.sh
@@ -34,4 +35,4 @@ fi
 export SPIKEATCONV_DWCONV=lax
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # so peak_bytes_in_use reflects the step
 timeout "$LIMIT_S" "$PY" benchmarks/model.py --variant base --timesteps 1,2 --nets mbpl/sisa \
-  --batch "$BATCH" --dtype bfloat16 --repeats 10 --mfu "${peak_args[@]}"
+  --batch "$BATCH" --dtype bfloat16 --repeats 10 --mfu --scan-blocks "${peak_args[@]}"

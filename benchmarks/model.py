@@ -3,8 +3,9 @@
   .venv/bin/python benchmarks/model.py --variant nano --timesteps 1,2 --batch 8
   .venv/bin/python benchmarks/model.py --variant tiny --timesteps 1,2 --batch 8 --repeats 3
 
-Settings: every combination of --timesteps and --nets ("mbpl/sisa" = spiking MBPL + SISA,
-"none/softmax" = the spike-free net). Image size and partition default per variant: nano 32 px
+Settings: every combination of --timesteps and --nets ("mbpl/sisa" = spiking MBPL + SISA with
+the paper's dwconv merge, "mbpl:sum/sisa" = with the sum merge, "none/softmax" = the spike-free
+net). Image size and partition default per variant: nano 32 px
 with P=4 (stage maps 8/4/2/1), tiny/base/large 224 px with P=7.
 
 Per setting: the jitted forward (train=False) and train step (forward + backward + optax.adamw,
@@ -91,12 +92,15 @@ def _peak_device_mb() -> float | None:
 
 def run_setting(args, t: int, net: str) -> dict:
   spk, att = net.split("/")
+  spk, _, merge = spk.partition(":")  # e.g. "mbpl:sum/sisa": MBPL with the sum merge
   size, p = DEFAULT_SIZE[args.variant]
   size = args.image_size or size
   cfg = model_config(
     variant=args.variant, spk=spk, attention=att, num_classes=args.classes, timesteps=t
   )
   cfg.attention.partition = args.partition or p
+  if merge:
+    cfg.spk.mbpl_merge = merge
   cfg.dtype = args.dtype
   cfg.remat = args.remat
   cfg.scan_blocks = args.scan_blocks
