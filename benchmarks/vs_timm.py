@@ -82,6 +82,7 @@ def main(argv=None) -> int:
       "spiking": spiking["train_compile_s"],
       "spiking_sum_merge": spiking_sum["train_compile_s"],
     },
+    ours_rows=ours["rows"],  # every benchmarks/model.py column (fwd, memory, compile)
     timm=timm_row,
     spike_free_over_timm=(free["train_img_s"] / timm_row["images_per_s"]) if timm_row else None,
     load_avg=list(os.getloadavg()),
