@@ -25,7 +25,15 @@ import orbax.checkpoint as ocp
 
 # Model-config fields that may differ between save and restore: they change how the forward
 # pass runs, not what the state holds (compute dtype, rematerialisation, stochastic depth).
-RESTORE_IGNORED_FIELDS = frozenset({"dtype", "remat", "drop_path"})
+# How the step is computed, not what the parameters mean: a checkpoint restores across them.
+RESTORE_IGNORED_FIELDS = frozenset({"dtype", "remat", "drop_path", "scan_blocks"})
+# Model fields added after checkpoints were first written, with the value every older
+# checkpoint implies: a saved config that lacks one of them is compared as holding the default.
+ADDED_FIELD_DEFAULTS = {
+  "time_mode": "network",
+  "spk_after_branch_out": False,
+  "scan_blocks": False,
+}
 
 
 def config_to_dict(config: ml_collections.ConfigDict | dict) -> dict:
@@ -51,7 +59,8 @@ def model_config_diff(saved: dict, current: dict, ignore=RESTORE_IGNORED_FIELDS)
   for key in sorted(set(a) | set(b)):
     if key in ignore:  # top-level model fields only, e.g. "dtype"
       continue
-    va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+    va = a.get(key, ADDED_FIELD_DEFAULTS.get(key, "<absent>"))
+    vb = b.get(key, ADDED_FIELD_DEFAULTS.get(key, "<absent>"))
     if va != vb:
       lines.append(f"model.{key}: checkpoint {va!r} != config {vb!r}")
   return lines

@@ -82,9 +82,22 @@ def test_model_config_mismatch_is_a_clear_error(tmp_path):
     assert line in msg, msg
   # Compute dtype, remat and drop_path may change between save and restore.
   same = model_config(variant="nano", spk="mbpl")
-  same.dtype, same.remat, same.drop_path = "bfloat16", True, 0.3
+  same.dtype, same.remat, same.drop_path, same.scan_blocks = "bfloat16", True, 0.3, True
   ck.check_model_config(1, same)
   ck.close()
+
+
+def test_config_saved_before_new_fields_matches_their_defaults():
+  """A checkpoint's config written before time_mode / spk_after_branch_out / scan_blocks
+  existed restores under a config holding their defaults, and only under those."""
+  current = checkpoint.config_to_dict(model_config(variant="nano", spk="mbpl"))
+  old = {k: v for k, v in current.items() if k not in checkpoint.ADDED_FIELD_DEFAULTS}
+  assert len(old) == len(current) - len(checkpoint.ADDED_FIELD_DEFAULTS)
+  assert checkpoint.model_config_diff(old, current) == []
+  changed = dict(current, time_mode="neuron")
+  assert checkpoint.model_config_diff(old, changed) == [
+    "model.time_mode: checkpoint 'network' != config 'neuron'"
+  ]
 
 
 def test_shape_mismatch_is_a_clear_error(tmp_path):
