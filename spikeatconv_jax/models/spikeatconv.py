@@ -124,9 +124,14 @@ def _unstack_blocks(depth: int):
   return lambda cols: {k: per_collection(v) for k, v in cols.items()}
 
 
-def stage_class(depth: int, scan: bool) -> type[nn.Module]:
-  """Stage, or (scan_blocks with depth > 2) Stage behind the stacked/unstacked variable view."""
-  if not scan or depth < 3:
+def scans_blocks(cfg: Any, depth: int) -> bool:
+  """Whether a stage of `depth` blocks runs blocks 1..depth-1 under nn.scan (at least two)."""
+  return bool(cfg.get("scan_blocks", False)) and depth >= 3
+
+
+def stage_class(cfg: Any, depth: int) -> type[nn.Module]:
+  """Stage, or (when it scans) Stage behind the stacked/unstacked variable view."""
+  if not scans_blocks(cfg, depth):
     return Stage
   return nn.map_variables(
     Stage,
@@ -153,7 +158,7 @@ class Stage(nn.Module):
     if remat:
       # static_argnums counts self: `train` (argument 2) must stay a Python bool.
       block_cls = nn.remat(SpikeAtConvBlock, static_argnums=(2,))
-    scan = bool(self.cfg.get("scan_blocks", False)) and self.depth >= 3
+    scan = scans_blocks(self.cfg, self.depth)
     for b in range(1 if scan else self.depth):
       x = block_cls(
         self.width,
@@ -197,9 +202,8 @@ class SpikeAtConv(nn.Module):
     x = Stem(
       tuple(v["stem"]), t, cfg.spk, stem_act=cfg.get("stem_act", "gelu"), dtype=dtype, name="stem"
     )(images, train=train)  # [T, B, H/2, W/2, C0]
-    scan = bool(cfg.get("scan_blocks", False))
     for s, (width, depth) in enumerate(zip(v["dims"], v["depths"], strict=True)):
-      stage = stage_class(depth, scan)
+      stage = stage_class(cfg, depth)
       x = stage(width, depth, cfg, tuple(rates[s]), dtype=dtype, name=f"stage{s}")(x, train)
     x = jnp.mean(x, axis=(2, 3))  # GAP: [T, B, C]
     x = common.layer_norm(dtype=dtype, name="head_ln")(x)
