@@ -1,4 +1,5 @@
-"""Depthwise conv: the CPU shift-sum form (custom VJP) against lax's grouped convolution."""
+"""Depthwise conv: the CPU forms (shift-sum and native kernels, each with a custom VJP) against
+lax's grouped convolution."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,9 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from spikeatconv_jax.layers import dwconv
+from spikeatconv_jax.layers import dwconv, dwconv_native
+
+IMPLS = {"shift": dwconv.depthwise_conv2d_shift, "native": dwconv_native.depthwise_conv2d_native}
 
 
 def _inputs(x_shape, k_shape, dtype=jnp.float32, seed=0):
@@ -26,12 +29,12 @@ def _value_and_grads(impl, strides):
   return f
 
 
-def _compare(x, k, kg, strides, atol, rtol):
+def _compare(x, k, kg, strides, atol, rtol, impl="shift"):
   y_shape = jax.eval_shape(lambda: dwconv.depthwise_conv2d_lax(x, k, strides)).shape
   g = jax.random.normal(kg, y_shape).astype(x.dtype)
   both = lambda *a: tuple(
     _value_and_grads(impl, strides)(*a)
-    for impl in (dwconv.depthwise_conv2d_lax, dwconv.depthwise_conv2d_shift)
+    for impl in (dwconv.depthwise_conv2d_lax, IMPLS[impl])
   )
   want, got = jax.jit(both)(x, k, g)  # one compile for both implementations
   for name, w, o in zip(("y", "dx", "dk"), want, got):
@@ -55,9 +58,10 @@ def _compare(x, k, kg, strides, atol, rtol):
     (7, 2, 2, (9, 8)),
   ],
 )
-def test_shift_matches_lax_float32(kernel, stride, m, hw):
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_cpu_forms_match_lax_float32(impl, kernel, stride, m, hw):
   x, k, kg = _inputs((2, *hw, 3), (kernel, kernel, 3, m))
-  (y, _, _), _ = _compare(x, k, kg, (stride, stride), atol=1e-4, rtol=1e-5)
+  (y, _, _), _ = _compare(x, k, kg, (stride, stride), atol=1e-4, rtol=1e-5, impl=impl)
   assert y.shape == (2, -(-hw[0] // stride), -(-hw[1] // stride), 3 * m)
 
 
@@ -70,17 +74,19 @@ def test_shift_matches_lax_float32(kernel, stride, m, hw):
     ((1, 8, 9, 2), 3, (1, 2)),  # unequal strides
   ],
 )
-def test_shift_matches_lax_edge_shapes(x_shape, kernel, strides):
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_cpu_forms_match_lax_edge_shapes(impl, x_shape, kernel, strides):
   x, k, kg = _inputs(x_shape, (kernel, kernel, x_shape[-1], 2), seed=1)
-  _, (y, dx, dk) = _compare(x, k, kg, strides, atol=1e-4, rtol=1e-5)  # asserts shift == lax
+  _, (y, dx, dk) = _compare(x, k, kg, strides, atol=1e-4, rtol=1e-5, impl=impl)  # == lax
   assert dx.shape == x.shape and dk.shape == k.shape and y.shape[-1] == 2 * x_shape[-1]
 
 
-def test_shift_bfloat16_close_to_float32():
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_cpu_forms_bfloat16_close_to_float32(impl):
   """bf16 in, bf16 out; float32 accumulation keeps it within bf16 rounding of the f32 result."""
   x, k, kg = _inputs((2, 9, 8, 4), (7, 7, 4, 2), jnp.bfloat16)
   stride = 2
-  want, got = _compare(x, k, kg, (stride, stride), atol=0.25, rtol=0.05)  # vs lax in bf16
+  want, got = _compare(x, k, kg, (stride, stride), atol=0.25, rtol=0.05, impl=impl)  # vs lax
   g = jax.random.normal(kg, want[0].shape).astype(jnp.bfloat16)
   f32 = _value_and_grads(dwconv.depthwise_conv2d_lax, (stride,) * 2)(
     x.astype(jnp.float32), k.astype(jnp.float32), g.astype(jnp.float32)
@@ -94,17 +100,15 @@ def test_shift_bfloat16_close_to_float32():
     )
 
 
-def test_shift_numerical_gradients():
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_cpu_forms_numerical_gradients(impl):
   x, k, _ = _inputs((1, 5, 4, 2), (3, 3, 2, 2))
-  check_grads(
-    lambda x, k: dwconv.depthwise_conv2d_shift(x, k, (2, 2)), (x, k), order=1, modes="rev"
-  )
-  check_grads(
-    lambda x, k: dwconv.depthwise_conv2d_shift(x, k, (1, 1)), (x, k), order=1, modes="rev"
-  )
+  for s in (2, 1):
+    check_grads(lambda x, k: IMPLS[impl](x, k, (s, s)), (x, k), order=1, modes="rev")
 
 
-def test_shift_under_vmap_and_checkpoint():
+@pytest.mark.parametrize("impl", sorted(IMPLS))
+def test_cpu_forms_under_vmap_and_checkpoint(impl):
   x, k, _ = _inputs((3, 2, 7, 6, 4), (5, 5, 4, 1))  # leading axis mapped by vmap
   k2 = jax.random.normal(jax.random.PRNGKey(7), (3, 3, 4, 2))
 
@@ -118,7 +122,7 @@ def test_shift_under_vmap_and_checkpoint():
     return jnp.sum(jnp.sin(jax.vmap(body)(x)))
 
   grad = lambda impl: jax.jit(jax.grad(lambda *a: loss(impl, *a), argnums=(0, 1, 2)))(x, k, k2)
-  for w, o in zip(grad(dwconv.depthwise_conv2d_lax), grad(dwconv.depthwise_conv2d_shift)):
+  for w, o in zip(grad(dwconv.depthwise_conv2d_lax), grad(IMPLS[impl])):
     np.testing.assert_allclose(o, w, atol=1e-4, rtol=1e-4)
 
 
@@ -132,15 +136,22 @@ def test_module_params_and_dispatch(monkeypatch):
   params = {"kernel": params["kernel"], "bias": jnp.arange(6.0)}
   want = dwconv.depthwise_conv2d_lax(x, params["kernel"], (2, 2)) + jnp.arange(6.0)
 
-  assert jax.default_backend() == "cpu" and dwconv.implementation() in ("shift", "lax")
+  assert jax.default_backend() == "cpu" and dwconv_native.available()
   outs = {}
   try:
-    for name in ("lax", "shift"):
+    for name in ("lax", "shift", "native"):
       dwconv.set_implementation(name)
       assert dwconv.implementation() == name
       outs[name] = module.apply({"params": params}, x)
     dwconv.set_implementation(None)
     monkeypatch.setenv(dwconv.ENV_VAR, "auto")
+    # With the native kernels built: native, except small maps at large batches.
+    assert dwconv.implementation() == "native"
+    assert dwconv.implementation((28, 28), 128) == "native"
+    assert dwconv.implementation((7, 7), 8) == "native"
+    assert dwconv.implementation((8, 8), 64) == "matmul"
+    # Without them (no compiler): the shift form, and the Toeplitz matmul for small maps.
+    monkeypatch.setattr(dwconv_native, "available", lambda: False)
     assert dwconv.implementation() == "shift"  # the CPU default for large maps
     assert dwconv.implementation((28, 28)) == "shift"
     assert dwconv.implementation((16, 16)) == "matmul"
@@ -163,6 +174,33 @@ def test_module_params_and_dispatch(monkeypatch):
     assert out.shape == (2, 4, 4, 6)
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
   assert not np.allclose(outs["shift"], 0.0)
+
+
+@pytest.mark.parametrize("c,stride", [(115, 1), (115, 2), (48, 2), (256, 1)])
+def test_native_vector_paths_match_lax(c, stride):
+  """The native loops run 64-, 32- and 16-channel register blocks and a scalar tail:
+  115 = 64 + 32 + 16 + 3 takes every path; 256 runs several 64-blocks."""
+  x, k, kg = _inputs((2, 9, 8, c), (7, 7, c, 1), seed=3)
+  _compare(x, k, kg, (stride, stride), atol=1e-4, rtol=1e-5, impl="native")
+
+
+def test_native_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
+  """No working compiler: `load` returns the reason (auto then keeps the XLA forms)."""
+  monkeypatch.setenv(dwconv_native.CACHE_ENV_VAR, str(tmp_path))
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  reason = dwconv_native.load()
+  assert reason is not None and "no-such-compiler" in reason
+  assert not list(tmp_path.iterdir())  # no partial library left behind
+  monkeypatch.setenv(dwconv_native.DISABLE_ENV_VAR, "0")
+  assert "disabled" in dwconv_native.load()
+
+
+def test_native_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
+  monkeypatch.setenv(dwconv_native.CACHE_ENV_VAR, str(tmp_path))
+  path = dwconv_native.library_path()
+  assert path.startswith(str(tmp_path)) and path.endswith(".so")
+  monkeypatch.setattr(dwconv_native, "_cpu_signature", lambda: "another cpu")
+  assert dwconv_native.library_path() != path
 
 
 def test_bad_inputs_raise():
@@ -209,7 +247,7 @@ def _branch_sum_reference(x, kern, strides):
   )
 
 
-@pytest.mark.parametrize("impl", ["lax", "shift", "matmul"])
+@pytest.mark.parametrize("impl", ["lax", "shift", "matmul", "native"])
 @pytest.mark.parametrize("h,w,k,s", [(8, 8, 7, 1), (5, 6, 7, 2), (1, 1, 7, 1), (9, 7, 3, 1)])
 def test_branch_sum_equals_separate_convs(impl, h, w, k, s):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, h, w, 5, 3))  # [N, H, W, C, K]

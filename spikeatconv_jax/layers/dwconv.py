@@ -23,12 +23,19 @@ Two implementations compute the same function:
   costs HW/(kh*kw) times the conv's FLOPs (1.3x on an 8x8 map with a 7x7 kernel) but runs at
   matmul speed and compiles fast. Plain autodiff gives its gradient.
 
+- `depthwise_conv2d_native` (`dwconv_native`): native XLA:CPU custom calls (XLA FFI) for the
+  forward pass and both gradients, vectorised over channels and threaded; built with the
+  system C++ compiler on first use. 9-17x faster fwd+bwd than the shift form on tiny's shapes,
+  and opaque to XLA, so the compiled graph stays small.
+
 `depthwise_conv2d_sum` is the grouped conv K*C -> C with groups=C (MBPL's merge) in the same
-three forms. On CPU, `auto` picks the Toeplitz matmul for small maps (below SHIFT_MIN_POSITIONS
-positions, and where `_matmul_pays` for the batch) and the shift form otherwise; on GPU/TPU it
-picks lax's grouped convolution. Override with `set_implementation(...)`, `with using(...)`, or
-the env var `SPIKEATCONV_DWCONV=auto|lax|shift|matmul` (the module setting wins). The choice is
-made when a function is traced, so change it before `jax.jit` compiles the caller.
+forms. On CPU, `auto` picks the native kernels when they build (the Toeplitz matmul for maps of
+at most NATIVE_MATMUL_MAX_POSITIONS positions at large batches). Without them it picks the
+Toeplitz matmul for small maps (below SHIFT_MIN_POSITIONS positions, and where `_matmul_pays`
+for the batch) and the shift form otherwise. On GPU/TPU it picks lax's grouped convolution.
+Override with `set_implementation(...)`, `with using(...)`, or the env var
+`SPIKEATCONV_DWCONV=auto|lax|shift|matmul|native` (the module setting wins). The choice is made
+when a function is traced, so change it before `jax.jit` compiles the caller.
 """
 
 from __future__ import annotations
@@ -45,9 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from spikeatconv_jax.layers import dwconv_native
+
 Dtype = Any
 
-IMPLEMENTATIONS = ("auto", "lax", "shift", "matmul")
+IMPLEMENTATIONS = ("auto", "lax", "shift", "matmul", "native")
 ENV_VAR = "SPIKEATCONV_DWCONV"
 _override: str | None = None
 
@@ -90,13 +99,23 @@ def _matmul_pays(positions: int, batch: int) -> bool:
   return positions * (6 * batch + 196) < 15 * 294 * batch
 
 
+# With the native kernels, `auto` still takes the Toeplitz matmul for maps of at most this many
+# positions at a batch of at least NATIVE_MATMUL_MIN_BATCH, where it measured faster fwd+bwd
+# (benchmarks/dwconv.py: [64,8,8,32] matmul 2.2 ms vs native 3.6 ms; [8,7,7,512] matmul 20.9
+# ms vs native 2.6 ms).
+NATIVE_MATMUL_MAX_POSITIONS = 64
+NATIVE_MATMUL_MIN_BATCH = 32
+
+
 def implementation(spatial: tuple[int, int] | None = None, batch: int | None = None) -> str:
-  """The implementation `depthwise_conv2d` would use: "lax", "shift" or "matmul".
+  """The implementation `depthwise_conv2d` would use: "lax", "shift", "matmul" or "native".
 
   Args:
-    spatial: (H, W) of the input; with `auto` on CPU, maps smaller than SHIFT_MIN_POSITIONS
-      positions use the Toeplitz matmul (when `batch` is given, only where the cost model says it
-      pays). None: as for a large map.
+    spatial: (H, W) of the input. With `auto` on CPU: the native kernels
+      (`dwconv_native`) when they are built, except small maps at large batches (Toeplitz
+      matmul); without them, maps smaller than SHIFT_MIN_POSITIONS positions use the Toeplitz
+      matmul (when `batch` is given, only where the cost model says it pays). None: as for a
+      large map.
     batch: the conv's batch size N (all leading axes folded).
   """
   name = _override if _override is not None else os.environ.get(ENV_VAR, "auto") or "auto"
@@ -105,6 +124,10 @@ def implementation(spatial: tuple[int, int] | None = None, batch: int | None = N
   if name == "auto":
     if jax.default_backend() != "cpu":
       return "lax"
+    if dwconv_native.available():
+      small = spatial is not None and spatial[0] * spatial[1] <= NATIVE_MATMUL_MAX_POSITIONS
+      big_batch = batch is not None and batch >= NATIVE_MATMUL_MIN_BATCH
+      return "matmul" if small and big_batch else "native"
     if spatial is None:
       return "shift"
     positions = spatial[0] * spatial[1]
@@ -341,6 +364,8 @@ def depthwise_conv2d_matmul(x: jax.Array, kernel: jax.Array, strides: Sequence[i
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)):
   """Depthwise conv in the form `implementation` picks for this backend and shape."""
   impl = implementation(x.shape[1:3], x.shape[0])
+  if impl == "native":
+    return dwconv_native.depthwise_conv2d_native(x, kernel, _check(x, kernel, strides))
   if impl == "shift":
     return depthwise_conv2d_shift(x, kernel, strides)
   if impl == "matmul":
@@ -379,9 +404,11 @@ def depthwise_conv2d_sum(
     taps = kernel.astype(dtype).reshape(kh * kw, k, c)
     y = _toeplitz_matmul(x.astype(dtype).reshape(n, h * w, c, k), taps, (h, w), (kh, kw), strides)
     return y.reshape(n, ho, wo, c).astype(dtype)
-  if impl == "shift":
+  if impl in ("shift", "native"):
+    # The plain depthwise conv over the C*K stacked channels, then the sum over K.
     kern = jnp.swapaxes(kernel, 2, 3).reshape(kh, kw, c * k, 1)  # channel c*K + k, like x
-    y = depthwise_conv2d_shift(x.reshape(n, h, w, c * k), kern, strides)
+    conv = depthwise_conv2d_shift if impl == "shift" else dwconv_native.depthwise_conv2d_native
+    y = conv(x.reshape(n, h, w, c * k), kern, strides)
     return y.reshape(n, *y.shape[1:3], c, k).sum(axis=4, dtype=jnp.float32).astype(dtype)
   # lax: groups of K consecutive input channels (c, k) feed output channel c.
   xg = x.reshape(n, h, w, c * k).astype(dtype)

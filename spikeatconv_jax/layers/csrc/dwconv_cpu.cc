@@ -1,0 +1,348 @@
+// Depthwise 2-D convolution for XLA:CPU as XLA FFI custom calls: forward, input gradient and
+// kernel gradient of y[n, i, j, c] = sum_{a, b} x[n, i*sh + a - pt, j*sw + b - pl, c] * w[a, b, c]
+// (NHWC, float32, zero padding outside x). XLA:CPU runs grouped convolutions at under
+// 1 GFLOP/s; these loops are vectorised over the contiguous channel axis with the accumulators
+// in registers, and split across XLA's intra-op thread pool.
+//
+// Built on first use by spikeatconv_jax/layers/dwconv_native.py (g++ -O3 -march=native against
+// jax.ffi.include_dir()); the channel multiplier and MBPL's branch sum are reshapes around
+// these three kernels on the Python side.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// 16 floats; unaligned loads and stores through memcpy compile to single vector moves.
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+struct Geometry {
+  int64_t n, h, w, c;    // input
+  int64_t ho, wo;        // output
+  int64_t kh, kw;        // kernel
+  int64_t sh, sw;        // strides
+  int64_t pt, pl;        // top/left zero padding
+};
+
+// Runs fn(begin, end, part) over [0, total) in `parts` contiguous ranges: the calling thread and
+// XLA's pool threads pull ranges from a shared counter, and the caller returns once every range
+// is done. The caller never waits for a task to *start* (pool threads may all be busy running
+// other ops), only for ranges another thread has already claimed, so this cannot deadlock.
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t parts,
+                 const std::function<void(int64_t, int64_t, int64_t)>& fn) {
+  parts = std::max<int64_t>(1, std::min(parts, total));
+  if (parts == 1) {
+    fn(0, total, 0);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  // Pool tasks may start after this call returned; they then find no range left and only touch
+  // the shared state, which they keep alive. `fn` is only called for claimed ranges, all of
+  // which finish before the caller returns.
+  const auto* fnp = &fn;
+  auto run = [state, total, parts, fnp]() {
+    for (int64_t p; (p = state->next.fetch_add(1)) < parts;) {
+      (*fnp)(total * p / parts, total * (p + 1) / parts, p);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < parts; ++t) pool.Schedule(decltype(run)(run));
+  run();
+  while (state->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+}
+
+int64_t Parts(ffi::ThreadPool& pool) {
+  int64_t threads = pool.num_threads();
+  return threads > 0 ? 2 * threads : 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one output pixel at a time, up to 64 channels (four registers) per pass over the taps.
+
+template <int V>
+inline void FwdPixel(const Geometry& g, const float* x, const float* w, float* y, int64_t n,
+                     int64_t i, int64_t j, int64_t c0) {
+  v16 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = v16{};
+  for (int64_t a = 0; a < g.kh; ++a) {
+    const int64_t hi = i * g.sh + a - g.pt;
+    if (hi < 0 || hi >= g.h) continue;
+    const float* xrow = x + ((n * g.h + hi) * g.w) * g.c + c0;
+    const float* wrow = w + (a * g.kw) * g.c + c0;
+    for (int64_t b = 0; b < g.kw; ++b) {
+      const int64_t wi = j * g.sw + b - g.pl;
+      if (wi < 0 || wi >= g.w) continue;
+      const float* xp = xrow + wi * g.c;
+      const float* wp = wrow + b * g.c;
+      for (int v = 0; v < V; ++v) acc[v] += load(xp + 16 * v) * load(wp + 16 * v);
+    }
+  }
+  float* yp = y + ((n * g.ho + i) * g.wo + j) * g.c + c0;
+  for (int v = 0; v < V; ++v) store(yp + 16 * v, acc[v]);
+}
+
+inline void FwdPixelScalar(const Geometry& g, const float* x, const float* w, float* y, int64_t n,
+                           int64_t i, int64_t j, int64_t c0) {
+  float* yp = y + ((n * g.ho + i) * g.wo + j) * g.c;
+  for (int64_t c = c0; c < g.c; ++c) {
+    float acc = 0.f;
+    for (int64_t a = 0; a < g.kh; ++a) {
+      const int64_t hi = i * g.sh + a - g.pt;
+      if (hi < 0 || hi >= g.h) continue;
+      for (int64_t b = 0; b < g.kw; ++b) {
+        const int64_t wi = j * g.sw + b - g.pl;
+        if (wi < 0 || wi >= g.w) continue;
+        acc += x[((n * g.h + hi) * g.w + wi) * g.c + c] * w[(a * g.kw + b) * g.c + c];
+      }
+    }
+    yp[c] = acc;
+  }
+}
+
+void Forward(const Geometry& g, const float* x, const float* w, float* y, ffi::ThreadPool& pool) {
+  ParallelFor(pool, g.n * g.ho, Parts(pool), [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.ho, i = row % g.ho;
+      for (int64_t j = 0; j < g.wo; ++j) {
+        int64_t c0 = 0;
+        for (; c0 + 64 <= g.c; c0 += 64) FwdPixel<4>(g, x, w, y, n, i, j, c0);
+        for (; c0 + 32 <= g.c; c0 += 32) FwdPixel<2>(g, x, w, y, n, i, j, c0);
+        for (; c0 + 16 <= g.c; c0 += 16) FwdPixel<1>(g, x, w, y, n, i, j, c0);
+        if (c0 < g.c) FwdPixelScalar(g, x, w, y, n, i, j, c0);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Input gradient: dx[n, p, q, c] = sum over taps (a, b) with p + pt - a = i*sh and
+// q + pl - b = j*sw inside the output of dy[n, i, j, c] * w[a, b, c]; a gather per input pixel.
+
+template <int V>
+inline void BwdInputPixel(const Geometry& g, const float* dy, const float* w, float* dx,
+                          int64_t n, int64_t p, int64_t q, int64_t c0) {
+  v16 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = v16{};
+  for (int64_t a = (p + g.pt) % g.sh; a < g.kh; a += g.sh) {
+    const int64_t i = (p + g.pt - a) / g.sh;
+    if (p + g.pt - a < 0) break;  // larger a only makes it more negative
+    if (i >= g.ho) continue;
+    const float* dyrow = dy + ((n * g.ho + i) * g.wo) * g.c + c0;
+    const float* wrow = w + (a * g.kw) * g.c + c0;
+    for (int64_t b = (q + g.pl) % g.sw; b < g.kw; b += g.sw) {
+      if (q + g.pl - b < 0) break;
+      const int64_t j = (q + g.pl - b) / g.sw;
+      if (j >= g.wo) continue;
+      const float* dp = dyrow + j * g.c;
+      const float* wp = wrow + b * g.c;
+      for (int v = 0; v < V; ++v) acc[v] += load(dp + 16 * v) * load(wp + 16 * v);
+    }
+  }
+  float* out = dx + ((n * g.h + p) * g.w + q) * g.c + c0;
+  for (int v = 0; v < V; ++v) store(out + 16 * v, acc[v]);
+}
+
+inline void BwdInputPixelScalar(const Geometry& g, const float* dy, const float* w, float* dx,
+                                int64_t n, int64_t p, int64_t q, int64_t c0) {
+  for (int64_t c = c0; c < g.c; ++c) {
+    float acc = 0.f;
+    for (int64_t a = (p + g.pt) % g.sh; a < g.kh; a += g.sh) {
+      if (p + g.pt - a < 0) break;
+      const int64_t i = (p + g.pt - a) / g.sh;
+      if (i >= g.ho) continue;
+      for (int64_t b = (q + g.pl) % g.sw; b < g.kw; b += g.sw) {
+        if (q + g.pl - b < 0) break;
+        const int64_t j = (q + g.pl - b) / g.sw;
+        if (j >= g.wo) continue;
+        acc += dy[((n * g.ho + i) * g.wo + j) * g.c + c] * w[(a * g.kw + b) * g.c + c];
+      }
+    }
+    dx[((n * g.h + p) * g.w + q) * g.c + c] = acc;
+  }
+}
+
+void BackwardInput(const Geometry& g, const float* dy, const float* w, float* dx,
+                   ffi::ThreadPool& pool) {
+  ParallelFor(pool, g.n * g.h, Parts(pool), [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.h, p = row % g.h;
+      for (int64_t q = 0; q < g.w; ++q) {
+        int64_t c0 = 0;
+        for (; c0 + 64 <= g.c; c0 += 64) BwdInputPixel<4>(g, dy, w, dx, n, p, q, c0);
+        for (; c0 + 32 <= g.c; c0 += 32) BwdInputPixel<2>(g, dy, w, dx, n, p, q, c0);
+        for (; c0 + 16 <= g.c; c0 += 16) BwdInputPixel<1>(g, dy, w, dx, n, p, q, c0);
+        if (c0 < g.c) BwdInputPixelScalar(g, dy, w, dx, n, p, q, c0);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel gradient: dw[a, b, c] = sum_{n, i, j} x[n, i*sh + a - pt, j*sw + b - pl, c] * dy[n, i, j, c].
+// Each part sums its range of output rows into its own [kh, kw, C] buffer; for one output row
+// and one tap the 64-channel accumulators stay in registers along the row.
+
+template <int V>
+inline void BwdKernelRowTap(const Geometry& g, const float* x, const float* dy, float* dw,
+                            int64_t n, int64_t i, int64_t a, int64_t b, int64_t c0) {
+  const int64_t hi = i * g.sh + a - g.pt;
+  if (hi < 0 || hi >= g.h) return;
+  // Output columns j whose input column j*sw + b - pl lies inside [0, w).
+  const int64_t last = g.w - 1 + g.pl - b;  // j*sw <= last
+  if (last < 0) return;
+  const int64_t j_lo = std::max<int64_t>(0, (g.pl - b + g.sw - 1) / g.sw);  // 0 when pl < b
+  const int64_t j_hi = std::min<int64_t>(g.wo, last / g.sw + 1);
+  if (j_lo >= j_hi) return;
+  v16 acc[V];
+  float* out = dw + (a * g.kw + b) * g.c + c0;
+  for (int v = 0; v < V; ++v) acc[v] = load(out + 16 * v);
+  const float* xrow = x + ((n * g.h + hi) * g.w) * g.c + c0;
+  const float* dyrow = dy + ((n * g.ho + i) * g.wo) * g.c + c0;
+  for (int64_t j = j_lo; j < j_hi; ++j) {
+    const float* xp = xrow + (j * g.sw + b - g.pl) * g.c;
+    const float* dp = dyrow + j * g.c;
+    for (int v = 0; v < V; ++v) acc[v] += load(xp + 16 * v) * load(dp + 16 * v);
+  }
+  for (int v = 0; v < V; ++v) store(out + 16 * v, acc[v]);
+}
+
+inline void BwdKernelRowTapScalar(const Geometry& g, const float* x, const float* dy, float* dw,
+                                  int64_t n, int64_t i, int64_t a, int64_t b, int64_t c0) {
+  const int64_t hi = i * g.sh + a - g.pt;
+  if (hi < 0 || hi >= g.h) return;
+  for (int64_t j = 0; j < g.wo; ++j) {
+    const int64_t wi = j * g.sw + b - g.pl;
+    if (wi < 0 || wi >= g.w) continue;
+    for (int64_t c = c0; c < g.c; ++c)
+      dw[(a * g.kw + b) * g.c + c] +=
+          x[((n * g.h + hi) * g.w + wi) * g.c + c] * dy[((n * g.ho + i) * g.wo + j) * g.c + c];
+  }
+}
+
+void BackwardKernel(const Geometry& g, const float* x, const float* dy, float* dw,
+                    ffi::ThreadPool& pool) {
+  const int64_t taps = g.kh * g.kw * g.c;
+  const int64_t rows = g.n * g.ho;
+  const int64_t parts = std::max<int64_t>(1, std::min(Parts(pool), rows));
+  std::vector<float> partial(static_cast<size_t>(parts * taps), 0.f);
+  ParallelFor(pool, rows, parts, [&](int64_t begin, int64_t end, int64_t part) {
+    float* acc = partial.data() + part * taps;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.ho, i = row % g.ho;
+      for (int64_t a = 0; a < g.kh; ++a) {
+        for (int64_t b = 0; b < g.kw; ++b) {
+          int64_t c0 = 0;
+          for (; c0 + 64 <= g.c; c0 += 64) BwdKernelRowTap<4>(g, x, dy, acc, n, i, a, b, c0);
+          for (; c0 + 32 <= g.c; c0 += 32) BwdKernelRowTap<2>(g, x, dy, acc, n, i, a, b, c0);
+          for (; c0 + 16 <= g.c; c0 += 16) BwdKernelRowTap<1>(g, x, dy, acc, n, i, a, b, c0);
+          if (c0 < g.c) BwdKernelRowTapScalar(g, x, dy, acc, n, i, a, b, c0);
+        }
+      }
+    }
+  });
+  std::fill(dw, dw + taps, 0.f);
+  for (int64_t p = 0; p < parts; ++p) {
+    const float* src = partial.data() + p * taps;
+    for (int64_t t = 0; t < taps; ++t) dw[t] += src[t];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// FFI bindings. Shapes: x [N, H, W, C], w [kh, kw, C], y/dy [N, Ho, Wo, C].
+
+ffi::Error CheckRank(const ffi::AnyBuffer::Dimensions& d, size_t rank, const char* what) {
+  if (d.size() != rank)
+    return ffi::Error::InvalidArgument(std::string(what) + " has the wrong rank");
+  return ffi::Error::Success();
+}
+
+Geometry MakeGeometry(const ffi::AnyBuffer::Dimensions& xd, const ffi::AnyBuffer::Dimensions& wd,
+                      const ffi::AnyBuffer::Dimensions& yd, int64_t sh, int64_t sw, int64_t pt,
+                      int64_t pl) {
+  return Geometry{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], wd[0], wd[1], sh, sw, pt, pl};
+}
+
+ffi::Error Check(const Geometry& g, const ffi::AnyBuffer::Dimensions& wd,
+                 const ffi::AnyBuffer::Dimensions& yd) {
+  if (wd[2] != g.c || yd[3] != g.c || yd[0] != g.n)
+    return ffi::Error::InvalidArgument("depthwise conv: channel or batch sizes disagree");
+  if (g.sh < 1 || g.sw < 1)
+    return ffi::Error::InvalidArgument("depthwise conv: strides must be positive");
+  return ffi::Error::Success();
+}
+
+ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  for (auto [d, r, s] : {std::tuple{x.dimensions(), 4, "x"}, {w.dimensions(), 3, "w"},
+                         {y->dimensions(), 4, "y"}})
+    if (auto e = CheckRank(d, r, s); e.failure()) return e;
+  Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pl);
+  if (auto e = Check(g, w.dimensions(), y->dimensions()); e.failure()) return e;
+  Forward(g, x.typed_data(), w.typed_data(), y->typed_data(), pool);
+  return ffi::Error::Success();
+}
+
+ffi::Error BwdInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
+                        ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
+                        int64_t pl) {
+  for (auto [d, r, s] : {std::tuple{dy.dimensions(), 4, "dy"}, {w.dimensions(), 3, "w"},
+                         {dx->dimensions(), 4, "dx"}})
+    if (auto e = CheckRank(d, r, s); e.failure()) return e;
+  Geometry g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pl);
+  if (auto e = Check(g, w.dimensions(), dy.dimensions()); e.failure()) return e;
+  BackwardInput(g, dy.typed_data(), w.typed_data(), dx->typed_data(), pool);
+  return ffi::Error::Success();
+}
+
+ffi::Error BwdKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                         ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
+                         int64_t pl) {
+  for (auto [d, r, s] : {std::tuple{x.dimensions(), 4, "x"}, {dy.dimensions(), 4, "dy"},
+                         {dw->dimensions(), 3, "dw"}})
+    if (auto e = CheckRank(d, r, s); e.failure()) return e;
+  Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pl);
+  if (auto e = Check(g, dw->dimensions(), dy.dimensions()); e.failure()) return e;
+  BackwardKernel(g, x.typed_data(), dy.typed_data(), dw->typed_data(), pool);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define SPIKEATCONV_BIND()                                  \
+  ffi::Ffi::Bind()                                                               \
+      .Ctx<ffi::ThreadPool>()                                                    \
+      .Arg<ffi::Buffer<ffi::F32>>()                                              \
+      .Arg<ffi::Buffer<ffi::F32>>()                                              \
+      .Ret<ffi::Buffer<ffi::F32>>()                                              \
+      .Attr<int64_t>("sh")                                                       \
+      .Attr<int64_t>("sw")                                                       \
+      .Attr<int64_t>("pt")                                                       \
+      .Attr<int64_t>("pl")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeAtConvDwconvFwd, FwdImpl, SPIKEATCONV_BIND());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeAtConvDwconvBwdInput, BwdInputImpl, SPIKEATCONV_BIND());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeAtConvDwconvBwdKernel, BwdKernelImpl,
+                              SPIKEATCONV_BIND());

@@ -1,0 +1,203 @@
+"""Depthwise convolution on XLA:CPU as native custom calls (XLA FFI), built on first use.
+
+XLA:CPU lowers grouped convolutions to a generic loop that runs at under 1 GFLOP/s. The kernels
+in `csrc/dwconv_cpu.cc` (forward, input gradient, kernel gradient; float32, NHWC) vectorise over
+the contiguous channel axis and use XLA's intra-op thread pool. `depthwise_conv2d_native` wraps
+them in a `custom_vjp`; `dwconv.py` dispatches to it on CPU when the library is available.
+
+The shared library is compiled once per source, jaxlib version and CPU (`g++ -O3
+-march=native`) into `$SPIKEATCONV_CACHE_DIR` (default `~/.cache/spikeatconv_jax`), written to a
+temporary name and renamed, so concurrent processes are safe. Without a C++ compiler, or if the
+build fails, `available()` is False (with one warning naming the reason) and `dwconv` keeps its
+XLA forms. GPU and TPU never use this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "dwconv_cpu.cc")
+CACHE_ENV_VAR = "SPIKEATCONV_CACHE_DIR"
+DISABLE_ENV_VAR = "SPIKEATCONV_NATIVE_DWCONV"  # "0": never build or use the native kernels
+TARGETS = {
+  "fwd": "SpikeAtConvDwconvFwd",
+  "bwd_input": "SpikeAtConvDwconvBwdInput",
+  "bwd_kernel": "SpikeAtConvDwconvBwdKernel",
+}
+_FFI_NAME = "spikeatconv_dwconv_{}"
+_log = logging.getLogger(__name__)
+
+
+def _cpu_signature() -> str:
+  """What -march=native depends on: the CPU's model and feature flags (a shared cache directory
+  on a heterogeneous cluster must not hand one CPU's build to another)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+    return "".join(sorted(set(lines)))
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+  return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _build_command(cxx: str, out: str) -> list[str]:
+  return [
+    cxx,
+    "-O3",
+    "-march=native",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-w",
+    f"-I{jax.ffi.include_dir()}",
+    SOURCE,
+    "-o",
+    out,
+  ]
+
+
+def library_path() -> str:
+  """Where the built library for this source, jaxlib and CPU lives (it may not exist yet)."""
+  with open(SOURCE, "rb") as f:
+    key = hashlib.sha256(f.read())
+  key.update(jax.__version__.encode())
+  key.update(_cpu_signature().encode())
+  cache = os.environ.get(CACHE_ENV_VAR) or os.path.join(
+    os.path.expanduser("~"), ".cache", "spikeatconv_jax"
+  )
+  return os.path.join(cache, f"libspikeatconv_dwconv_{key.hexdigest()[:16]}.so")
+
+
+def _build(path: str) -> None:
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError("no C++ compiler (g++ or $CXX) found")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+  os.close(fd)
+  try:
+    cmd = _build_command(cxx, tmp)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+      raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    os.replace(tmp, path)  # atomic: another process sees the old state or the whole library
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+@functools.cache
+def _load() -> str | None:
+  """`load()` once per process (XLA custom-call targets are registered once)."""
+  return load()
+
+
+def load() -> str | None:
+  """Builds (if needed), loads and registers the kernels; returns None, or why it failed."""
+  if os.environ.get(DISABLE_ENV_VAR, "1") == "0":
+    return f"disabled by {DISABLE_ENV_VAR}=0"
+  try:
+    path = library_path()
+    if not os.path.exists(path):
+      _log.info("building the native depthwise conv kernels: %s", path)
+      _build(path)
+    lib = ctypes.cdll.LoadLibrary(path)
+    for kind, symbol in TARGETS.items():
+      jax.ffi.register_ffi_target(
+        _FFI_NAME.format(kind), jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+      )
+  except Exception as e:  # noqa: BLE001 - any failure means "use the XLA forms"
+    _log.warning("native depthwise conv unavailable, using the XLA forms: %s", e)
+    return str(e)
+  return None
+
+
+def available() -> bool:
+  """True when the native kernels are built and registered (builds them on the first call)."""
+  return _load() is None
+
+
+def unavailable_reason() -> str | None:
+  return _load()
+
+
+def _call(kind: str, a: jax.Array, b: jax.Array, out_shape, strides, pads) -> jax.Array:
+  return jax.ffi.ffi_call(
+    _FFI_NAME.format(kind),
+    jax.ShapeDtypeStruct(out_shape, jnp.float32),
+    vmap_method="sequential",
+  )(
+    a,
+    b,
+    sh=np.int64(strides[0]),
+    sw=np.int64(strides[1]),
+    pt=np.int64(pads[0][0]),
+    pl=np.int64(pads[1][0]),
+  )
+
+
+def _geometry(x_shape, kernel_hw, strides):
+  """SAME padding exactly as lax splits it, and the output size."""
+  pads = lax.padtype_to_pads(tuple(x_shape[1:3]), tuple(kernel_hw), strides, "SAME")
+  return pads, (-(-x_shape[1] // strides[0]), -(-x_shape[2] // strides[1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dwconv(x, w, strides):
+  """x [N, H, W, C] f32, w [kh, kw, C] f32 -> [N, H', W', C] f32."""
+  pads, (ho, wo) = _geometry(x.shape, w.shape[:2], strides)
+  return _call("fwd", x, w, (x.shape[0], ho, wo, x.shape[3]), strides, pads)
+
+
+def _dwconv_fwd(x, w, strides):
+  return _dwconv(x, w, strides), (x, w)
+
+
+def _dwconv_bwd(strides, res, g):
+  x, w = res
+  pads, _ = _geometry(x.shape, w.shape[:2], strides)
+  g = g.astype(jnp.float32)
+  dx = _call("bwd_input", g, w, x.shape, strides, pads)
+  dw = _call("bwd_kernel", x, g, w.shape, strides, pads)
+  return dx, dw
+
+
+_dwconv.defvjp(_dwconv_fwd, _dwconv_bwd)
+
+
+def depthwise_conv2d_native(
+  x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)
+) -> jax.Array:
+  """Depthwise conv with a channel multiplier through the native kernels.
+
+  x [N, H, W, C], kernel [kh, kw, C, M] -> [N, ceil(H/sh), ceil(W/sw), C*M] (channel c*M + m),
+  SAME padding; equal to `dwconv.depthwise_conv2d_lax` up to float rounding. Computes in
+  float32 and returns the promoted input dtype. A multiplier M > 1 repeats each input channel M
+  times first (the gradient of that repeat sums the M copies back).
+  """
+  if not available():
+    raise RuntimeError(f"native depthwise conv unavailable: {unavailable_reason()}")
+  kh, kw, c, m = kernel.shape
+  dtype = jnp.promote_types(x.dtype, kernel.dtype)
+  xf = x.astype(jnp.float32)
+  if m > 1:
+    xf = jnp.repeat(xf, m, axis=3)
+  y = _dwconv(xf, kernel.astype(jnp.float32).reshape(kh, kw, c * m), tuple(strides))
+  return y.astype(dtype)
