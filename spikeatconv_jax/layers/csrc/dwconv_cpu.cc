@@ -122,16 +122,78 @@ inline void FwdPixelScalar(const Geometry& g, const float* x, const float* w, fl
   }
 }
 
+// Register-blocked forward for kernel width KW and column stride S: P adjacent outputs of one
+// row and 16 channels. Per kernel row the KW weights stay in registers and each input column
+// is loaded once for all the outputs that read it, so the loop runs on FMAs rather than loads.
+// Only for blocks whose taps all lie inside the row (the caller checks).
+constexpr int kBlock = 8;
+
+template <int KW, int S>
+inline bool Interior(const Geometry& g, int64_t j0) {
+  return j0 + kBlock <= g.wo && j0 * S - g.pl >= 0 && (j0 + kBlock - 1) * S + KW - 1 - g.pl < g.w;
+}
+
+template <int KW, int S>
+inline void FwdBlock(const Geometry& g, const float* x, const float* w, float* y, int64_t n,
+                     int64_t i, int64_t j0, int64_t c0) {
+  constexpr int P = kBlock;
+  v16 acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = v16{};
+  for (int64_t a = 0; a < g.kh; ++a) {
+    const int64_t hi = i * g.sh + a - g.pt;
+    if (hi < 0 || hi >= g.h) continue;
+    const float* xrow = x + ((n * g.h + hi) * g.w + j0 * S - g.pl) * g.c + c0;
+    const float* wrow = w + (a * KW) * g.c + c0;
+    v16 wr[KW];
+#pragma GCC unroll 16
+    for (int b = 0; b < KW; ++b) wr[b] = load(wrow + b * g.c);
+#pragma GCC unroll 32
+    for (int q = 0; q < S * (P - 1) + KW; ++q) {
+      const v16 xq = load(xrow + q * g.c);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const int b = q - S * p;
+        if (b >= 0 && b < KW) acc[p] += xq * wr[b];
+      }
+    }
+  }
+  float* yp = y + ((n * g.ho + i) * g.wo + j0) * g.c + c0;
+  for (int p = 0; p < P; ++p) store(yp + p * g.c, acc[p]);
+}
+
+// One output row, channels [0, c_end) in 16-channel slices: register blocks inside the row,
+// single pixels at its edges. The channel slices are the inner loop, so consecutive blocks read
+// consecutive cache lines of the same input pixels.
+template <int KW, int S>
+void FwdRow(const Geometry& g, const float* x, const float* w, float* y, int64_t n, int64_t i,
+            int64_t c_end) {
+  for (int64_t j = 0; j < g.wo;) {
+    if (Interior<KW, S>(g, j)) {
+      for (int64_t c0 = 0; c0 < c_end; c0 += 16) FwdBlock<KW, S>(g, x, w, y, n, i, j, c0);
+      j += kBlock;
+    } else {
+      for (int64_t c0 = 0; c0 < c_end; c0 += 16) FwdPixel<1>(g, x, w, y, n, i, j, c0);
+      ++j;
+    }
+  }
+}
+
 void Forward(const Geometry& g, const float* x, const float* w, float* y, ffi::ThreadPool& pool) {
   ParallelFor(pool, g.n * g.ho, Parts(pool), [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.ho, i = row % g.ho;
+      int64_t c0 = 0;
+      if (g.kw == 7 && (g.sw == 1 || g.sw == 2)) {  // the models' kernel: blocked rows
+        c0 = g.c / 16 * 16;
+        if (g.sw == 1) FwdRow<7, 1>(g, x, w, y, n, i, c0);
+        else FwdRow<7, 2>(g, x, w, y, n, i, c0);
+      }
       for (int64_t j = 0; j < g.wo; ++j) {
-        int64_t c0 = 0;
-        for (; c0 + 64 <= g.c; c0 += 64) FwdPixel<4>(g, x, w, y, n, i, j, c0);
-        for (; c0 + 32 <= g.c; c0 += 32) FwdPixel<2>(g, x, w, y, n, i, j, c0);
-        for (; c0 + 16 <= g.c; c0 += 16) FwdPixel<1>(g, x, w, y, n, i, j, c0);
-        if (c0 < g.c) FwdPixelScalar(g, x, w, y, n, i, j, c0);
+        int64_t c = c0;
+        for (; c + 64 <= g.c; c += 64) FwdPixel<4>(g, x, w, y, n, i, j, c);
+        for (; c + 32 <= g.c; c += 32) FwdPixel<2>(g, x, w, y, n, i, j, c);
+        for (; c + 16 <= g.c; c += 16) FwdPixel<1>(g, x, w, y, n, i, j, c);
+        if (c < g.c) FwdPixelScalar(g, x, w, y, n, i, j, c);
       }
     }
   });
@@ -186,6 +248,19 @@ inline void BwdInputPixelScalar(const Geometry& g, const float* dy, const float*
 
 void BackwardInput(const Geometry& g, const float* dy, const float* w, float* dx,
                    ffi::ThreadPool& pool) {
+  if (g.sh == 1 && g.sw == 1) {
+    // A stride-1 transposed conv is a conv of dy with the flipped kernel and mirrored padding:
+    // dx[p, q] = sum_{a, b} dy[p - (kh-1-pt) + a, q - (kw-1-pl) + b] * w[kh-1-a, kw-1-b].
+    std::vector<float> flipped(static_cast<size_t>(g.kh * g.kw * g.c));
+    for (int64_t a = 0; a < g.kh; ++a)
+      for (int64_t b = 0; b < g.kw; ++b)
+        std::memcpy(&flipped[(a * g.kw + b) * g.c], w + ((g.kh - 1 - a) * g.kw + g.kw - 1 - b) * g.c,
+                    sizeof(float) * g.c);
+    const Geometry t{g.n, g.ho, g.wo, g.c, g.h, g.w, g.kh, g.kw, 1, 1, g.kh - 1 - g.pt,
+                     g.kw - 1 - g.pl};
+    Forward(t, dy, flipped.data(), dx, pool);
+    return;
+  }
   ParallelFor(pool, g.n * g.h, Parts(pool), [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.h, p = row % g.h;
@@ -242,6 +317,51 @@ inline void BwdKernelRowTapScalar(const Geometry& g, const float* x, const float
   }
 }
 
+// Register-blocked kernel gradient for one output row, one kernel row `a` and 16 channels: the
+// KW tap sums stay in registers across the row; inside the row P outputs at a time load each
+// input column once for every tap that reads it.
+template <int KW, int S>
+void BwdKernelRow(const Geometry& g, const float* x, const float* dy, float* dw, int64_t n,
+                  int64_t i, int64_t a, int64_t c0) {
+  constexpr int P = kBlock;
+  const int64_t hi = i * g.sh + a - g.pt;
+  if (hi < 0 || hi >= g.h) return;
+  const float* xrow = x + ((n * g.h + hi) * g.w) * g.c + c0;
+  const float* dyrow = dy + ((n * g.ho + i) * g.wo) * g.c + c0;
+  float* out = dw + (a * KW) * g.c + c0;
+  v16 acc[KW];
+#pragma GCC unroll 16
+  for (int b = 0; b < KW; ++b) acc[b] = load(out + b * g.c);
+  for (int64_t j = 0; j < g.wo;) {
+    if (Interior<KW, S>(g, j)) {
+      const float* xp = xrow + (j * S - g.pl) * g.c;
+      v16 d[P];
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) d[p] = load(dyrow + (j + p) * g.c);
+#pragma GCC unroll 32
+      for (int q = 0; q < S * (P - 1) + KW; ++q) {
+        const v16 xq = load(xp + q * g.c);
+#pragma GCC unroll 16
+        for (int p = 0; p < P; ++p) {
+          const int b = q - S * p;
+          if (b >= 0 && b < KW) acc[b] += xq * d[p];
+        }
+      }
+      j += P;
+    } else {
+      const v16 d = load(dyrow + j * g.c);
+#pragma GCC unroll 16
+      for (int b = 0; b < KW; ++b) {
+        const int64_t wi = j * S + b - g.pl;
+        if (wi >= 0 && wi < g.w) acc[b] += load(xrow + wi * g.c) * d;
+      }
+      ++j;
+    }
+  }
+#pragma GCC unroll 16
+  for (int b = 0; b < KW; ++b) store(out + b * g.c, acc[b]);
+}
+
 void BackwardKernel(const Geometry& g, const float* x, const float* dy, float* dw,
                     ffi::ThreadPool& pool) {
   const int64_t taps = g.kh * g.kw * g.c;
@@ -253,8 +373,15 @@ void BackwardKernel(const Geometry& g, const float* x, const float* dy, float* d
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.ho, i = row % g.ho;
       for (int64_t a = 0; a < g.kh; ++a) {
+        int64_t c_blocked = 0;
+        if (g.kw == 7 && (g.sw == 1 || g.sw == 2)) {
+          for (; c_blocked + 16 <= g.c; c_blocked += 16) {
+            if (g.sw == 1) BwdKernelRow<7, 1>(g, x, dy, acc, n, i, a, c_blocked);
+            else BwdKernelRow<7, 2>(g, x, dy, acc, n, i, a, c_blocked);
+          }
+        }
         for (int64_t b = 0; b < g.kw; ++b) {
-          int64_t c0 = 0;
+          int64_t c0 = c_blocked;
           for (; c0 + 64 <= g.c; c0 += 64) BwdKernelRowTap<4>(g, x, dy, acc, n, i, a, b, c0);
           for (; c0 + 32 <= g.c; c0 += 32) BwdKernelRowTap<2>(g, x, dy, acc, n, i, a, b, c0);
           for (; c0 + 16 <= g.c; c0 += 16) BwdKernelRowTap<1>(g, x, dy, acc, n, i, a, b, c0);
