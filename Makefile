@@ -9,7 +9,7 @@ WORKDIR ?= runs/default
 CONFIG ?= configs/default.py
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: train test lint bench install install-dev data clean
+.PHONY: train test lint bench install install-dev data compiler clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -35,16 +35,26 @@ data:
 	  else echo "warning: apt-get not found; install dataset-fashion-mnist to get $(FMNIST_DIR)"; fi; \
 	fi
 
-train: install data
+# On CPU the depthwise convs run as native XLA custom calls built with g++ on first use
+# (spikeatconv_jax/layers/dwconv_native.py); without a compiler they fall back to XLA's forms.
+compiler:
+	@if ! command -v g++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q g++ >/dev/null 2>&1 || \
+	    { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q g++ >/dev/null; } || \
+	    echo "warning: could not install g++; the CPU depthwise convs use the slower XLA forms"; \
+	fi
+
+train: install data compiler
 	$(VPY) train.py --config $(CONFIG) --workdir $(WORKDIR)
 
-test: install-dev data
+test: install-dev data compiler
 	$(VPY) -m pytest -q tests
 
 lint: install-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-bench: install
+bench: install compiler
 	$(VPY) benchmarks/lif.py
 	$(VPY) benchmarks/model.py
 	$(VPY) benchmarks/input.py

@@ -1,6 +1,6 @@
 """Depthwise conv on this backend: lax's grouped conv vs the shift-sum form and the `auto` choice
-(what the models run: on CPU the Toeplitz matmul for small maps, the shift-sum above), forward
-and fwd+bwd.
+(what the models run: on CPU the native XLA FFI kernels when they build, else the Toeplitz
+matmul for small maps and the shift-sum above), forward and fwd+bwd.
 
 Shapes are the ConvNeXt branches of the models (kernel 7):
   nano: dims 32/64/128/256, 32 px input -> maps 8/4/2/1, batch 64
@@ -40,7 +40,8 @@ MODELS = {
 IMPLS = {
   "lax": dwconv.depthwise_conv2d_lax,
   "shift": dwconv.depthwise_conv2d_shift,
-  # What the models run: on CPU the Toeplitz matmul below SHIFT_MIN_POSITIONS, else the shift.
+  # What the models run: on CPU the native kernels (the Toeplitz matmul for small maps at large
+  # batches); without a compiler the Toeplitz matmul below SHIFT_MIN_POSITIONS, else the shift.
   "auto": dwconv.depthwise_conv2d,
 }
 
