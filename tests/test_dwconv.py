@@ -42,8 +42,7 @@ def _compare(x, k, kg, strides, atol, rtol, impl="shift"):
   y_shape = jax.eval_shape(lambda: dwconv.depthwise_conv2d_lax(x, k, strides)).shape
   g = jax.random.normal(kg, y_shape).astype(x.dtype)
   both = lambda *a: tuple(
-    _value_and_grads(impl, strides)(*a)
-    for impl in (dwconv.depthwise_conv2d_lax, IMPLS[impl])
+    _value_and_grads(fn, strides)(*a) for fn in (dwconv.depthwise_conv2d_lax, IMPLS[impl])
   )
   want, got = jax.jit(both)(x, k, g)  # one compile for both implementations
   for name, w, o in zip(("y", "dx", "dk"), want, got):
@@ -113,7 +112,7 @@ def test_cpu_forms_bfloat16_close_to_float32(impl):
 def test_cpu_forms_numerical_gradients(impl):
   x, k, _ = _inputs((1, 5, 4, 2), (3, 3, 2, 2))
   for s in (2, 1):
-    check_grads(lambda x, k: IMPLS[impl](x, k, (s, s)), (x, k), order=1, modes="rev")
+    check_grads(lambda x, k, s=s: IMPLS[impl](x, k, (s, s)), (x, k), order=1, modes="rev")
 
 
 @pytest.mark.parametrize("impl", sorted(IMPLS))
