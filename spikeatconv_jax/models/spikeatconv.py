@@ -125,15 +125,8 @@ def _unstack_blocks(depth: int):
 
 
 def scans_blocks(cfg: Any, depth: int) -> bool:
-  """Whether a stage of `depth` blocks runs blocks 1..depth-1 under nn.scan.
-
-  At least two blocks to scan, for compile time; with `remat`, also a single one. XLA:CPU keeps
-  per-block rematerialisation inside a loop body only, so on CPU a remat block lowers peak
-  memory only when it is scanned (docs/RESULTS.md, "Remat and peak memory at T=4").
-  """
-  if not cfg.get("scan_blocks", False):
-    return False
-  return depth >= 3 or (depth == 2 and bool(cfg.get("remat", False)))
+  """Whether a stage of `depth` blocks runs blocks 1..depth-1 under nn.scan (at least two)."""
+  return bool(cfg.get("scan_blocks", False)) and depth >= 3
 
 
 def stage_class(cfg: Any, depth: int) -> type[nn.Module]:
