@@ -6,7 +6,8 @@ the contiguous channel axis and use XLA's intra-op thread pool. `depthwise_conv2
 them in a `custom_vjp`; `dwconv.py` dispatches to it on CPU when the library is available.
 
 The shared library is compiled once per source, jaxlib version and CPU (`g++ -O3
--march=native`) into `$SPIKEATCONV_CACHE_DIR` (default `~/.cache/spikeatconv_jax`), written to a
+-march=native`) into `$SPIKEATCONV_CACHE_DIR` (default `~/.cache/spikeatconv_jax`, or a per-user
+directory under the temp dir when the home directory is not writable), written to a
 temporary name and renamed, so concurrent processes are safe. Without a C++ compiler, or if the
 build fails, `available()` is False (with one warning naming the reason) and `dwconv` keeps its
 XLA forms. GPU and TPU never use this module.
@@ -79,10 +80,22 @@ def library_path() -> str:
     key = hashlib.sha256(f.read())
   key.update(jax.__version__.encode())
   key.update(_cpu_signature().encode())
-  cache = os.environ.get(CACHE_ENV_VAR) or os.path.join(
-    os.path.expanduser("~"), ".cache", "spikeatconv_jax"
-  )
-  return os.path.join(cache, f"libspikeatconv_dwconv_{key.hexdigest()[:16]}.so")
+  return os.path.join(_cache_dir(), f"libspikeatconv_dwconv_{key.hexdigest()[:16]}.so")
+
+
+def _cache_dir() -> str:
+  """$SPIKEATCONV_CACHE_DIR, else ~/.cache/spikeatconv_jax, else (home not writable) a per-user
+  directory under the system temp dir."""
+  if os.environ.get(CACHE_ENV_VAR):
+    return os.environ[CACHE_ENV_VAR]
+  home = os.path.join(os.path.expanduser("~"), ".cache", "spikeatconv_jax")
+  try:
+    os.makedirs(home, exist_ok=True)
+    if os.access(home, os.W_OK):
+      return home
+  except OSError:
+    pass
+  return os.path.join(tempfile.gettempdir(), f"spikeatconv_jax-{os.getuid()}")
 
 
 def _build(path: str) -> None:
