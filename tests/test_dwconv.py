@@ -189,7 +189,9 @@ def test_native_vector_paths_match_lax(c, stride):
   """The native loops run 64-, 32- and 16-channel register blocks and a scalar tail:
   115 = 64 + 32 + 16 + 3 takes every path; 256 runs several 64-blocks."""
   x, k, kg = _inputs((2, 9, 8, c), (7, 7, c, 1), seed=3)
-  _compare(x, k, kg, (stride, stride), atol=1e-4, rtol=1e-5, impl="native")
+  _, (y, dx, dk) = _compare(x, k, kg, (stride, stride), atol=1e-4, rtol=1e-5, impl="native")
+  assert y.shape == (2, -(-9 // stride), -(-8 // stride), c)
+  assert dx.shape == x.shape and dk.shape == k.shape
 
 
 def test_native_build_failure_is_reported_not_raised(monkeypatch, tmp_path):

@@ -17,6 +17,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -77,6 +78,16 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t parts,
 int64_t Parts(ffi::ThreadPool& pool) {
   int64_t threads = pool.num_threads();
   return threads > 0 ? 2 * threads : 1;
+}
+
+// Calls block(std::integral_constant<int, V>{}, c) for V-register (16·V-channel) blocks from
+// channel c0 on, V = 4, 2, 1, then tail(c) once for the channels left over, if any.
+template <typename Block, typename Tail>
+inline void ChannelBlocks(int64_t c0, int64_t channels, Block&& block, Tail&& tail) {
+  for (; c0 + 64 <= channels; c0 += 64) block(std::integral_constant<int, 4>{}, c0);
+  for (; c0 + 32 <= channels; c0 += 32) block(std::integral_constant<int, 2>{}, c0);
+  for (; c0 + 16 <= channels; c0 += 16) block(std::integral_constant<int, 1>{}, c0);
+  if (c0 < channels) tail(c0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -189,11 +200,10 @@ void Forward(const Geometry& g, const float* x, const float* w, float* y, ffi::T
         else FwdRow<7, 2>(g, x, w, y, n, i, c0);
       }
       for (int64_t j = 0; j < g.wo; ++j) {
-        int64_t c = c0;
-        for (; c + 64 <= g.c; c += 64) FwdPixel<4>(g, x, w, y, n, i, j, c);
-        for (; c + 32 <= g.c; c += 32) FwdPixel<2>(g, x, w, y, n, i, j, c);
-        for (; c + 16 <= g.c; c += 16) FwdPixel<1>(g, x, w, y, n, i, j, c);
-        if (c < g.c) FwdPixelScalar(g, x, w, y, n, i, j, c);
+        ChannelBlocks(
+            c0, g.c,
+            [&](auto v, int64_t c) { FwdPixel<decltype(v)::value>(g, x, w, y, n, i, j, c); },
+            [&](int64_t c) { FwdPixelScalar(g, x, w, y, n, i, j, c); });
       }
     }
   });
@@ -265,11 +275,10 @@ void BackwardInput(const Geometry& g, const float* dy, const float* w, float* dx
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.h, p = row % g.h;
       for (int64_t q = 0; q < g.w; ++q) {
-        int64_t c0 = 0;
-        for (; c0 + 64 <= g.c; c0 += 64) BwdInputPixel<4>(g, dy, w, dx, n, p, q, c0);
-        for (; c0 + 32 <= g.c; c0 += 32) BwdInputPixel<2>(g, dy, w, dx, n, p, q, c0);
-        for (; c0 + 16 <= g.c; c0 += 16) BwdInputPixel<1>(g, dy, w, dx, n, p, q, c0);
-        if (c0 < g.c) BwdInputPixelScalar(g, dy, w, dx, n, p, q, c0);
+        ChannelBlocks(
+            0, g.c,
+            [&](auto v, int64_t c) { BwdInputPixel<decltype(v)::value>(g, dy, w, dx, n, p, q, c); },
+            [&](int64_t c) { BwdInputPixelScalar(g, dy, w, dx, n, p, q, c); });
       }
     }
   });
@@ -381,11 +390,12 @@ void BackwardKernel(const Geometry& g, const float* x, const float* dy, float* d
           }
         }
         for (int64_t b = 0; b < g.kw; ++b) {
-          int64_t c0 = c_blocked;
-          for (; c0 + 64 <= g.c; c0 += 64) BwdKernelRowTap<4>(g, x, dy, acc, n, i, a, b, c0);
-          for (; c0 + 32 <= g.c; c0 += 32) BwdKernelRowTap<2>(g, x, dy, acc, n, i, a, b, c0);
-          for (; c0 + 16 <= g.c; c0 += 16) BwdKernelRowTap<1>(g, x, dy, acc, n, i, a, b, c0);
-          if (c0 < g.c) BwdKernelRowTapScalar(g, x, dy, acc, n, i, a, b, c0);
+          ChannelBlocks(
+              c_blocked, g.c,
+              [&](auto v, int64_t c) {
+                BwdKernelRowTap<decltype(v)::value>(g, x, dy, acc, n, i, a, b, c);
+              },
+              [&](int64_t c) { BwdKernelRowTapScalar(g, x, dy, acc, n, i, a, b, c); });
         }
       }
     }
