@@ -3,7 +3,7 @@
 `depthwise_conv2d(x, kernel)` maps x [N, H, W, C] and kernel [kh, kw, C, M] to
 [N, H', W', C*M] (output channel c*M + m, lax's grouped-conv order), SAME padding.
 
-Two implementations compute the same function:
+These implementations compute the same function:
 
 - `depthwise_conv2d_lax`: `lax.conv_general_dilated` with `feature_group_count=C`. Fast on GPU/TPU,
   but XLA:CPU runs grouped convolutions at well under 1 GFLOP/s (50-100x below its dense matmul),
