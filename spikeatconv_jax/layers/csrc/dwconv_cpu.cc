@@ -14,9 +14,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <string>
 #include <thread>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -410,34 +408,29 @@ void BackwardKernel(const Geometry& g, const float* x, const float* dy, float* d
 // ---------------------------------------------------------------------------------------------
 // FFI bindings. Shapes: x [N, H, W, C], w [kh, kw, C], y/dy [N, Ho, Wo, C].
 
-ffi::Error CheckRank(const ffi::AnyBuffer::Dimensions& d, size_t rank, const char* what) {
-  if (d.size() != rank)
-    return ffi::Error::InvalidArgument(std::string(what) + " has the wrong rank");
-  return ffi::Error::Success();
-}
+using Dims = ffi::AnyBuffer::Dimensions;
 
-Geometry MakeGeometry(const ffi::AnyBuffer::Dimensions& xd, const ffi::AnyBuffer::Dimensions& wd,
-                      const ffi::AnyBuffer::Dimensions& yd, int64_t sh, int64_t sw, int64_t pt,
-                      int64_t pl) {
-  return Geometry{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], wd[0], wd[1], sh, sw, pt, pl};
-}
-
-ffi::Error Check(const Geometry& g, const ffi::AnyBuffer::Dimensions& wd,
-                 const ffi::AnyBuffer::Dimensions& yd) {
-  if (wd[2] != g.c || yd[3] != g.c || yd[0] != g.n)
+// Checks the three shapes, in their roles x [N, H, W, C], w [kh, kw, C], y [N, Ho, Wo, C] (for
+// the input gradient x is dx and y is dy; for the kernel gradient w is dw), and fills `g`.
+ffi::Error MakeGeometry(const Dims& xd, const Dims& wd, const Dims& yd, int64_t sh, int64_t sw,
+                        int64_t pt, int64_t pl, Geometry* g) {
+  if (xd.size() != 4 || wd.size() != 3 || yd.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "depthwise conv wants input [N, H, W, C], kernel [kh, kw, C], output [N, Ho, Wo, C]");
+  *g = Geometry{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], wd[0], wd[1], sh, sw, pt, pl};
+  if (wd[2] != g->c || yd[3] != g->c || yd[0] != g->n)
     return ffi::Error::InvalidArgument("depthwise conv: channel or batch sizes disagree");
-  if (g.sh < 1 || g.sw < 1)
+  if (sh < 1 || sw < 1)
     return ffi::Error::InvalidArgument("depthwise conv: strides must be positive");
   return ffi::Error::Success();
 }
 
 ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
-  for (auto [d, r, s] : {std::tuple{x.dimensions(), 4, "x"}, {w.dimensions(), 3, "w"},
-                         {y->dimensions(), 4, "y"}})
-    if (auto e = CheckRank(d, r, s); e.failure()) return e;
-  Geometry g = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pl);
-  if (auto e = Check(g, w.dimensions(), y->dimensions()); e.failure()) return e;
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pl, &g);
+      e.failure())
+    return e;
   Forward(g, x.typed_data(), w.typed_data(), y->typed_data(), pool);
   return ffi::Error::Success();
 }
@@ -445,11 +438,10 @@ ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 ffi::Error BwdInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                         ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                         int64_t pl) {
-  for (auto [d, r, s] : {std::tuple{dy.dimensions(), 4, "dy"}, {w.dimensions(), 3, "w"},
-                         {dx->dimensions(), 4, "dx"}})
-    if (auto e = CheckRank(d, r, s); e.failure()) return e;
-  Geometry g = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pl);
-  if (auto e = Check(g, w.dimensions(), dy.dimensions()); e.failure()) return e;
+  Geometry g;
+  if (auto e = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pl, &g);
+      e.failure())
+    return e;
   BackwardInput(g, dy.typed_data(), w.typed_data(), dx->typed_data(), pool);
   return ffi::Error::Success();
 }
@@ -457,11 +449,10 @@ ffi::Error BwdInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buf
 ffi::Error BwdKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                          ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
                          int64_t pl) {
-  for (auto [d, r, s] : {std::tuple{x.dimensions(), 4, "x"}, {dy.dimensions(), 4, "dy"},
-                         {dw->dimensions(), 3, "dw"}})
-    if (auto e = CheckRank(d, r, s); e.failure()) return e;
-  Geometry g = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pl);
-  if (auto e = Check(g, dw->dimensions(), dy.dimensions()); e.failure()) return e;
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pl, &g);
+      e.failure())
+    return e;
   BackwardKernel(g, x.typed_data(), dy.typed_data(), dw->typed_data(), pool);
   return ffi::Error::Success();
 }
