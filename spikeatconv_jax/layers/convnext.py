@@ -45,7 +45,7 @@ class Stem(nn.Module):
   }
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.stem_act not in STEM_ACTS:
       raise ValueError(f"unknown stem_act {self.stem_act!r}; known: {', '.join(STEM_ACTS)}")
     t, dt = self.timesteps, self.dtype

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from spikeatconv_jax.layers import common
+from spikeatconv_jax.layers.remat import remat
 from spikeatconv_jax.models.spikeatconv import DTYPES
 from spikeatconv_jax.snn.spk import make_spk
 
@@ -80,7 +81,7 @@ class _Stage(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     block_cls = BasicBlock
     if self.cfg.get("remat", False):
-      block_cls = nn.remat(BasicBlock, static_argnums=(2,))
+      block_cls = remat(BasicBlock, static_argnums=(2,))
     site = self.in_site
     for b in range(BLOCKS_PER_STAGE):
       blk = block_cls(

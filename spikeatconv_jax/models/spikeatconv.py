@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from spikeatconv_jax.layers import common
 from spikeatconv_jax.layers.attention import FFN, Attention
 from spikeatconv_jax.layers.convnext import ConvBranch, Stem
+from spikeatconv_jax.layers.remat import remat
 
 # name -> (dims, depths, stem widths, default drop_path). heads = dim / head_dim.
 VARIANTS = {
@@ -153,11 +154,11 @@ class Stage(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    remat = bool(self.cfg.get("remat", False))
+    use_remat = bool(self.cfg.get("remat", False))
     block_cls = SpikeAtConvBlock
-    if remat:
+    if use_remat:
       # static_argnums counts self: `train` (argument 2) must stay a Python bool.
-      block_cls = nn.remat(SpikeAtConvBlock, static_argnums=(2,))
+      block_cls = remat(SpikeAtConvBlock, static_argnums=(2,))
     scan = scans_blocks(self.cfg, self.depth)
     for b in range(1 if scan else self.depth):
       x = block_cls(
@@ -166,10 +167,13 @@ class Stage(nn.Module):
         self.cfg,
         self.drop_paths[b],
         dtype=self.dtype,
-        name=f"block{b}",  # explicit: nn.remat would otherwise rename the module
+        name=f"block{b}",  # explicit: a lifted remat would otherwise rename the module
       )(x, train)
     if scan:
-      body = nn.remat(_ScanBlock, static_argnums=(3,), prevent_cse=False) if remat else _ScanBlock
+      # Plain nn.remat inside the scan: the loop itself orders each step's recomputation.
+      body = _ScanBlock
+      if use_remat:
+        body = nn.remat(_ScanBlock, static_argnums=(3,), prevent_cse=False)
       blocks = nn.scan(
         body,
         variable_axes={True: 0},  # every collection: params, batch_stats, spikes
@@ -199,9 +203,12 @@ class SpikeAtConv(nn.Module):
     rate = cfg.drop_path if cfg.get("drop_path", None) is not None else v["drop_path"]
     rates = common.drop_path_rates(float(rate), v["depths"])
 
-    x = Stem(
+    # Under remat the stem is rematerialised too: its full-resolution activations (T-fold after
+    # the first SPK) would otherwise be the largest residuals kept for the backward pass.
+    stem_cls = remat(Stem, static_argnums=(2,)) if cfg.get("remat", False) else Stem
+    x = stem_cls(
       tuple(v["stem"]), t, cfg.spk, stem_act=cfg.get("stem_act", "gelu"), dtype=dtype, name="stem"
-    )(images, train=train)  # [T, B, H/2, W/2, C0]
+    )(images, train)  # [T, B, H/2, W/2, C0]
     for s, (width, depth) in enumerate(zip(v["dims"], v["depths"], strict=True)):
       stage = stage_class(cfg, depth)
       x = stage(width, depth, cfg, tuple(rates[s]), dtype=dtype, name=f"stage{s}")(x, train)
