@@ -184,13 +184,17 @@ def test_module_params_and_dispatch(monkeypatch):
   assert not np.allclose(outs["shift"], 0.0)
 
 
-@pytest.mark.parametrize("c,stride", [(115, 1), (115, 2), (48, 2), (256, 1)])
-def test_native_vector_paths_match_lax(c, stride):
+@pytest.mark.parametrize(
+  "c,stride,w", [(115, 1, 8), (115, 2, 8), (48, 2, 8), (256, 1, 8), (259, 1, 117), (259, 2, 117)]
+)
+def test_native_vector_paths_match_lax(c, stride, w):
   """The native loops run 64-, 32- and 16-channel register blocks and a scalar tail:
-  115 = 64 + 32 + 16 + 3 takes every path; 256 runs several 64-blocks."""
-  x, k, kg = _inputs((2, 9, 8, c), (7, 7, c, 1), seed=3)
+  115 = 64 + 32 + 16 + 3 takes every path; 256 runs several 64-blocks. A 117-wide row has
+  interior and edge blocks (the last one partial), and there the forward splits the 256 vector
+  channels into two chunks (160 + 96) before the 3-channel tail."""
+  x, k, kg = _inputs((2, 9, w, c), (7, 7, c, 1), seed=3)
   _, (y, dx, dk) = _compare(x, k, kg, (stride, stride), atol=1e-4, rtol=1e-5, impl="native")
-  assert y.shape == (2, -(-9 // stride), -(-8 // stride), c)
+  assert y.shape == (2, -(-9 // stride), -(-w // stride), c)
   assert dx.shape == x.shape and dk.shape == k.shape
 
 

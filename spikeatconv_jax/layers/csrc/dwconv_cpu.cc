@@ -134,7 +134,8 @@ inline void FwdPixelScalar(const Geometry& g, const float* x, const float* w, fl
 // Register-blocked forward for kernel width KW and column stride S: P adjacent outputs of one
 // row and 16 channels. Per kernel row the KW weights stay in registers and each input column
 // is loaded once for all the outputs that read it, so the loop runs on FMAs rather than loads.
-// Only for blocks whose taps all lie inside the row (the caller checks).
+// kEdge: some of the block's input columns may lie in the zero padding (they are skipped), and
+// only the first `valid` outputs are stored (the row's last block may be partial).
 constexpr int kBlock = 8;
 
 template <int KW, int S>
@@ -142,22 +143,24 @@ inline bool Interior(const Geometry& g, int64_t j0) {
   return j0 + kBlock <= g.wo && j0 * S - g.pl >= 0 && (j0 + kBlock - 1) * S + KW - 1 - g.pl < g.w;
 }
 
-template <int KW, int S>
+template <int KW, int S, bool kEdge>
 inline void FwdBlock(const Geometry& g, const float* x, const float* w, float* y, int64_t n,
-                     int64_t i, int64_t j0, int64_t c0) {
+                     int64_t i, int64_t j0, int64_t c0, int64_t valid) {
   constexpr int P = kBlock;
+  const int64_t col0 = j0 * S - g.pl;
   v16 acc[P];
   for (int p = 0; p < P; ++p) acc[p] = v16{};
   for (int64_t a = 0; a < g.kh; ++a) {
     const int64_t hi = i * g.sh + a - g.pt;
     if (hi < 0 || hi >= g.h) continue;
-    const float* xrow = x + ((n * g.h + hi) * g.w + j0 * S - g.pl) * g.c + c0;
+    const float* xrow = x + ((n * g.h + hi) * g.w + col0) * g.c + c0;
     const float* wrow = w + (a * KW) * g.c + c0;
     v16 wr[KW];
 #pragma GCC unroll 16
     for (int b = 0; b < KW; ++b) wr[b] = load(wrow + b * g.c);
 #pragma GCC unroll 32
     for (int q = 0; q < S * (P - 1) + KW; ++q) {
+      if (kEdge && (col0 + q < 0 || col0 + q >= g.w)) continue;
       const v16 xq = load(xrow + q * g.c);
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
@@ -167,39 +170,61 @@ inline void FwdBlock(const Geometry& g, const float* x, const float* w, float* y
     }
   }
   float* yp = y + ((n * g.ho + i) * g.wo + j0) * g.c + c0;
-  for (int p = 0; p < P; ++p) store(yp + p * g.c, acc[p]);
+  if (kEdge) {
+    for (int p = 0; p < P; ++p)
+      if (p < valid) store(yp + p * g.c, acc[p]);
+  } else {
+    for (int p = 0; p < P; ++p) store(yp + p * g.c, acc[p]);
+  }
 }
 
-// One output row, channels [0, c_end) in 16-channel slices: register blocks inside the row,
-// single pixels at its edges. The channel slices are the inner loop, so consecutive blocks read
-// consecutive cache lines of the same input pixels.
+// One output row, channels [c_lo, c_hi) in 16-channel slices, in blocks of kBlock outputs
+// (edge blocks skip the padding). The channel slices are the inner loop, so consecutive blocks
+// read consecutive cache lines of the same input pixels.
 template <int KW, int S>
 void FwdRow(const Geometry& g, const float* x, const float* w, float* y, int64_t n, int64_t i,
-            int64_t c_end) {
-  for (int64_t j = 0; j < g.wo;) {
+            int64_t c_lo, int64_t c_hi) {
+  for (int64_t j = 0; j < g.wo; j += kBlock) {
     if (Interior<KW, S>(g, j)) {
-      for (int64_t c0 = 0; c0 < c_end; c0 += 16) FwdBlock<KW, S>(g, x, w, y, n, i, j, c0);
-      j += kBlock;
+      for (int64_t c0 = c_lo; c0 < c_hi; c0 += 16)
+        FwdBlock<KW, S, false>(g, x, w, y, n, i, j, c0, kBlock);
     } else {
-      for (int64_t c0 = 0; c0 < c_end; c0 += 16) FwdPixel<1>(g, x, w, y, n, i, j, c0);
-      ++j;
+      const int64_t valid = std::min<int64_t>(kBlock, g.wo - j);
+      for (int64_t c0 = c_lo; c0 < c_hi; c0 += 16)
+        FwdBlock<KW, S, true>(g, x, w, y, n, i, j, c0, valid);
     }
   }
 }
 
+// Channels per chunk for the blocked rows: the kh input rows an output row reads, over one
+// chunk, should stay in L2 (about 512 KiB of them) while consecutive output rows reuse them.
+int64_t ChunkChannels(const Geometry& g, int64_t c_vec) {
+  const int64_t fit = (int64_t{512} * 1024 / (g.kh * g.w * int64_t{sizeof(float)})) / 16 * 16;
+  return std::min(c_vec, std::max<int64_t>(16, fit));
+}
+
+// Work items: (channel chunk, output row) pairs, chunk-major, so that each thread's contiguous
+// range walks down the rows of one chunk. Channels past the last multiple of 16 (and every
+// channel of kernels other than 7 wide at stride 1 or 2) go pixel by pixel.
 void Forward(const Geometry& g, const float* x, const float* w, float* y, ffi::ThreadPool& pool) {
-  ParallelFor(pool, g.n * g.ho, Parts(pool), [&](int64_t begin, int64_t end, int64_t) {
-    for (int64_t row = begin; row < end; ++row) {
+  const bool blocked = g.kw == 7 && (g.sw == 1 || g.sw == 2);
+  const int64_t c_vec = blocked ? g.c / 16 * 16 : 0;
+  const int64_t chunk = c_vec > 0 ? ChunkChannels(g, c_vec) : 1;
+  const int64_t chunks = c_vec > 0 ? (c_vec + chunk - 1) / chunk : 1;
+  const int64_t rows = g.n * g.ho;
+  ParallelFor(pool, chunks * rows, Parts(pool), [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t k = u / rows, row = u % rows;
       const int64_t n = row / g.ho, i = row % g.ho;
-      int64_t c0 = 0;
-      if (g.kw == 7 && (g.sw == 1 || g.sw == 2)) {  // the models' kernel: blocked rows
-        c0 = g.c / 16 * 16;
-        if (g.sw == 1) FwdRow<7, 1>(g, x, w, y, n, i, c0);
-        else FwdRow<7, 2>(g, x, w, y, n, i, c0);
+      if (c_vec > 0) {
+        const int64_t c_lo = k * chunk, c_hi = std::min(c_vec, c_lo + chunk);
+        if (g.sw == 1) FwdRow<7, 1>(g, x, w, y, n, i, c_lo, c_hi);
+        else FwdRow<7, 2>(g, x, w, y, n, i, c_lo, c_hi);
       }
+      if (k != chunks - 1 || c_vec == g.c) continue;
       for (int64_t j = 0; j < g.wo; ++j) {
         ChannelBlocks(
-            c0, g.c,
+            c_vec, g.c,
             [&](auto v, int64_t c) { FwdPixel<decltype(v)::value>(g, x, w, y, n, i, j, c); },
             [&](int64_t c) { FwdPixelScalar(g, x, w, y, n, i, j, c); });
       }
