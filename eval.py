@@ -18,6 +18,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from spikeatconv_jax import malloc  # noqa: E402
+
+malloc.reexec_with_tcmalloc()  # before anything allocates: see spikeatconv_jax/malloc.py
+
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 

@@ -35,10 +35,14 @@ import statistics
 import sys
 import time
 
-import jax
-import optax
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from spikeatconv_jax import malloc  # noqa: E402
+
+malloc.reexec_with_tcmalloc()  # what train.py runs under (SPIKEATCONV_TCMALLOC=0: glibc)
+
+import jax  # noqa: E402
+import optax  # noqa: E402
 
 from configs.common import model_config  # noqa: E402
 from spikeatconv_jax import models  # noqa: E402
@@ -259,6 +263,7 @@ def main():
         backend=jax.default_backend(),
         devices=jax.device_count(),
         load_avg=os.getloadavg(),
+        allocator=malloc.in_use(),
         rows=rows,
       )
     )

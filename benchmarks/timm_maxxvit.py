@@ -24,6 +24,15 @@ import torch
 from timm.models import maxxvit
 
 
+def _allocator() -> str:
+  """'tcmalloc' when it is mapped into this process (inherited LD_PRELOAD), else 'glibc'."""
+  try:
+    with open("/proc/self/maps") as f:
+      return "tcmalloc" if "libtcmalloc" in f.read() else "glibc"
+  except OSError:
+    return "unknown"
+
+
 def build(name: str, num_classes: int) -> torch.nn.Module:
   if name == "maxxvitv2_tiny":
     cfg = maxxvit.MaxxVitCfg(
@@ -79,6 +88,7 @@ def main():
     timm=timm.__version__,
     step_s=round(med, 3),
     images_per_s=round(args.batch / med, 3),
+    allocator=_allocator(),
   )
   print(json.dumps(out))
   print(f"{'model':<22} {'params(M)':>9} {'step(s)':>8} {'img/s':>7}")

@@ -23,6 +23,13 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from spikeatconv_jax import malloc  # noqa: E402
+
+# Both sides inherit this process's LD_PRELOAD: ours and PyTorch run under the same allocator
+# (tcmalloc when installed; SPIKEATCONV_TCMALLOC=0 runs both under glibc).
+malloc.reexec_with_tcmalloc()
 
 
 def last_json(text: str, key: str) -> dict:
@@ -86,8 +93,10 @@ def main(argv=None) -> int:
     timm=timm_row,
     spike_free_over_timm=(free["train_img_s"] / timm_row["images_per_s"]) if timm_row else None,
     load_avg=list(os.getloadavg()),
+    allocator=malloc.in_use(),
   )
-  print(f"\n{'train step, tiny, 224 px, float32':<40}{'img/s':>10}{'MFU':>8}")
+  print(f"\nallocator: {out['allocator']} (ours and timm)")
+  print(f"{'train step, tiny, 224 px, float32':<40}{'img/s':>10}{'MFU':>8}")
   print(f"{'ours, spike-free (GELU + softmax)':<40}{free['train_img_s']:>10.3f}"
         f"{100 * free['mfu']:>7.1f}%")  # fmt: skip
   print(f"{'ours, spiking (MBPL + SISA, T=1)':<40}{spiking['train_img_s']:>10.3f}"
