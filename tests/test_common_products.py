@@ -1,4 +1,4 @@
-"""layers.common.dense: its CPU weight-gradient form gives autodiff's values and gradients."""
+"""layers.common.dense and .conv: their CPU gradient forms give autodiff's values and gradients."""
 
 import flax.linen as nn
 import jax
@@ -39,3 +39,37 @@ def test_dense_dot_general_falls_back_for_other_products():
     np.asarray(jax.lax.dot_general(a, b, dims)),
     rtol=1e-6,
   )
+
+
+@pytest.mark.parametrize(
+  "shape,k,stride,padding",
+  [
+    ((2, 9, 11, 5), 3, 1, "SAME"),
+    ((2, 9, 11, 5), 3, 2, "SAME"),
+    ((2, 8, 8, 4), 1, 2, "SAME"),  # the stage-entry shortcut
+    ((1, 7, 6, 3), 3, 1, "VALID"),
+    ((1, 7, 6, 3), 3, 2, ((1, 0), (2, 1))),
+  ],
+)
+def test_conv_matches_lax(shape, k, stride, padding):
+  """common.conv's convolution (im2col kernel gradient on CPU) against lax's, values and both
+  gradients."""
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  w = jax.random.normal(jax.random.PRNGKey(1), (k, k, shape[-1], 6))
+  dims = ("NHWC", "HWIO", "NHWC")
+
+  def loss(conv):
+    return lambda x, w: jnp.sum(
+      jnp.sin(conv(x, w, (stride, stride), padding, dimension_numbers=dims))
+    )
+
+  y0, g0 = jax.value_and_grad(loss(jax.lax.conv_general_dilated), argnums=(0, 1))(x, w)
+  y1, g1 = jax.jit(jax.value_and_grad(loss(common.conv_general_dilated), argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(float(y1), float(y0), rtol=1e-5)
+  for a, b in zip(g0, g1, strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_module_uses_it():
+  m = common.conv(4, 3, strides=2, use_bias=False, dtype=jnp.float32, name="c")
+  assert m.conv_general_dilated is common.conv_general_dilated
