@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spikeatconv_jax import malloc  # noqa: E402
 
-malloc.reexec_with_tcmalloc()  # what train.py runs under (SPIKEATCONV_TCMALLOC=0: glibc)
+if __name__ == "__main__":  # not on import (tests import this file)
+  malloc.reexec_with_tcmalloc()  # what train.py runs under (SPIKEATCONV_TCMALLOC=0: glibc)
 
 import jax  # noqa: E402
 import optax  # noqa: E402

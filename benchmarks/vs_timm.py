@@ -29,7 +29,8 @@ from spikeatconv_jax import malloc  # noqa: E402
 
 # Both sides inherit this process's LD_PRELOAD: ours and PyTorch run under the same allocator
 # (tcmalloc when installed; SPIKEATCONV_TCMALLOC=0 runs both under glibc).
-malloc.reexec_with_tcmalloc()
+if __name__ == "__main__":  # not on import (tests import this file)
+  malloc.reexec_with_tcmalloc()
 
 
 def last_json(text: str, key: str) -> dict:
