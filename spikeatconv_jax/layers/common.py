@@ -1,4 +1,5 @@
-"""Shared model pieces: time folding, DropPath, LayerScale, norm and init defaults.
+"""Shared model pieces: time folding, DropPath, LayerScale, norm and init defaults, and the
+dense/conv products nn.Dense and nn.Conv use (with faster gradient forms on CPU).
 
 Layout conventions (DESIGN.md §1): activations are [T, B, H, W, C] (or [T, B, N, C]);
 stateless ops run on the merged T·B axis, only the LIF scans over T.
