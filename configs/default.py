@@ -89,6 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.runlocal:
     config.batch_size = 16
     config.total_steps = 4
+    config.warmup_epochs = 0.125  # 2 of the 4 steps (16 steps per epoch of 256 examples)
     config.dataset.train_split = "train[:256]"
     config.dataset.eval_split = "test[:64]"
     config.dataset.shuffle_buffer = 64

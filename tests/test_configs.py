@@ -90,3 +90,16 @@ def test_run_presets_lists_every_table(capsys):
   assert "mbpl8_t2" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     run_presets.main(["--table", "1"])  # running needs --data_dir
+
+
+def test_default_runlocal_schedule_fits():
+  """configs/default.py:runlocal=1 as given (no overrides) builds its learning-rate schedule:
+  the warmup is shorter than its 4 steps."""
+  from configs.default import get_config
+  from spikeatconv_jax import optim
+
+  c = get_config("runlocal=1")
+  steps_per_epoch = 256 // c.batch_size  # train[:256]
+  assert c.dataset.train_split == "train[:256]"
+  assert 0 < optim.warmup_steps(c, steps_per_epoch) < c.total_steps
+  optim.make_schedule(c, total_steps=c.total_steps, steps_per_epoch=steps_per_epoch)
