@@ -61,7 +61,8 @@ train: install data compiler tcmalloc
 
 # pytest itself runs under tcmalloc too, when it is installed (an empty LD_PRELOAD is a no-op).
 test: install-dev data compiler tcmalloc
-	LD_PRELOAD="$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -1)" $(VPY) -m pytest -q tests
+	LD_PRELOAD="$$($(VPY) -c 'from spikeatconv_jax.malloc import find_tcmalloc; print(find_tcmalloc() or "")')" \
+	  $(VPY) -m pytest -q tests
 
 lint: install-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

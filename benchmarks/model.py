@@ -62,13 +62,13 @@ def _mem_mb(compiled) -> float | None:
     return None
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fn, repeats: int, reduce=statistics.median) -> float:
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return reduce(times)
 
 
 @functools.cache
@@ -80,12 +80,7 @@ def matmul_peak_tflops(dtype: str, n: int | None = None, repeats: int = 15) -> f
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(dtype)
   mm = jax.jit(lambda a, b: a @ b)
   jax.block_until_ready(mm(a, a))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(mm(a, a))
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n**3 / best / 1e12
+  return 2 * n**3 / _time(lambda: mm(a, a), repeats, reduce=min) / 1e12
 
 
 def train_flops_per_image(cfg, size: int) -> float:

@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import timm
 import torch
 from timm.models import maxxvit
 
-
-def _allocator() -> str:
-  """'tcmalloc' when it is mapped into this process (inherited LD_PRELOAD), else 'glibc'."""
-  try:
-    with open("/proc/self/maps") as f:
-      return "tcmalloc" if "libtcmalloc" in f.read() else "glibc"
-  except OSError:
-    return "unknown"
+# spikeatconv_jax.malloc is stdlib-only, so the PyTorch environment can import it from the repo.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from spikeatconv_jax.malloc import in_use as allocator_in_use  # noqa: E402
 
 
 def build(name: str, num_classes: int) -> torch.nn.Module:
@@ -88,7 +85,7 @@ def main():
     timm=timm.__version__,
     step_s=round(med, 3),
     images_per_s=round(args.batch / med, 3),
-    allocator=_allocator(),
+    allocator=allocator_in_use(),  # inherited LD_PRELOAD
   )
   print(json.dumps(out))
   print(f"{'model':<22} {'params(M)':>9} {'step(s)':>8} {'img/s':>7}")
