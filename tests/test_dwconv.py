@@ -253,47 +253,57 @@ def test_matmul_form_equals_lax(h, w, k, s, m):
     np.testing.assert_allclose(b, a, atol=1e-4)
 
 
-def _branch_sum_reference(x, kern, strides):
+def _branch_sum_reference(xs, kern, strides):
   """Σ_k of K separate lax depthwise convs: the grouped conv K*C -> C written the long way."""
   return sum(
-    dwconv.depthwise_conv2d_lax(x[..., k], kern[:, :, k, :, None], strides)
-    for k in range(x.shape[4])
+    dwconv.depthwise_conv2d_lax(x, kern[:, :, k, :, None], strides) for k, x in enumerate(xs)
   )
 
 
 @pytest.mark.parametrize("impl", ["lax", "shift", "matmul", "native"])
-@pytest.mark.parametrize("h,w,k,s", [(8, 8, 7, 1), (5, 6, 7, 2), (1, 1, 7, 1), (9, 7, 3, 1)])
-def test_branch_sum_equals_separate_convs(impl, h, w, k, s):
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, h, w, 5, 3))  # [N, H, W, C, K]
-  kern = jax.random.normal(jax.random.PRNGKey(1), (k, k, 3, 5))  # [kh, kw, K, C]
-  want = _branch_sum_reference(x, kern, (s, s))
+@pytest.mark.parametrize(
+  "h,w,c,k,s",
+  [(8, 8, 5, 7, 1), (5, 6, 5, 7, 2), (1, 1, 5, 7, 1), (9, 7, 5, 3, 1), (9, 21, 40, 7, 1)],
+)
+def test_branch_sum_equals_separate_convs(impl, h, w, c, k, s):
+  # (9, 21, 40): the native kernels' register-blocked rows (two 16-channel slices and a tail).
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  xs = tuple(jax.random.normal(key, (2, h, w, c)) for key in keys)  # K=3 branches
+  kern = jax.random.normal(jax.random.PRNGKey(1), (k, k, 3, c))  # [kh, kw, K, C]
+  want = _branch_sum_reference(xs, kern, (s, s))
   f = lambda a, b: dwconv.depthwise_conv2d_sum(a, b, (s, s), impl=impl)
-  got = f(x, kern)
-  assert got.shape == want.shape == (2, -(-h // s), -(-w // s), 5)
+  got = f(xs, kern)
+  assert got.shape == want.shape == (2, -(-h // s), -(-w // s), c)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
   g = jax.random.normal(jax.random.PRNGKey(2), want.shape)
   grads = [
-    jax.grad(lambda a, b, fn=fn: jnp.sum(fn(a, b) * g), (0, 1))(x, kern)
+    jax.grad(lambda a, b, fn=fn: jnp.sum(fn(a, b) * g), (0, 1))(xs, kern)
     for fn in (lambda a, b: _branch_sum_reference(a, b, (s, s)), f)
   ]
-  for name, a, b in zip(("dx", "dk"), *grads):
-    assert b.shape == a.shape, name
-    np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-5, err_msg=name)
+  want_dx, want_dk = grads[0]
+  got_dx, got_dk = grads[1]
+  for i, (a, b) in enumerate(zip(want_dx, got_dx, strict=True)):
+    np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-5, err_msg=f"dx[{i}]")
+  np.testing.assert_allclose(got_dk, want_dk, atol=1e-4, rtol=1e-5, err_msg="dk")
 
 
-def test_branch_sum_module_keeps_the_stacked_kernel():
-  # MBPL's merge: K=4 branches of C=6 channels stacked on channels (channel c*K + k); the
-  # kernel stays indexed k*C + c.
+def test_branch_sum_module_keeps_the_grouped_kernel():
+  # MBPL's merge: K=4 branches of C=6 channels; the kernel is the grouped conv's
+  # [7, 7, K*C, 1], indexed k*C + c.
   module = dwconv.DepthwiseConv(kernel_size=7, sum_branches=4, use_bias=True)
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 24))
-  params = module.init(jax.random.PRNGKey(1), x)["params"]
+  xs = [jax.random.normal(jax.random.PRNGKey(i), (2, 8, 8, 6)) for i in range(4)]
+  params = module.init(jax.random.PRNGKey(1), xs)["params"]
   assert params["kernel"].shape == (7, 7, 24, 1) and params["bias"].shape == (6,)
   params = {"kernel": params["kernel"], "bias": jnp.arange(6.0)}
-  y = module.apply({"params": params}, x)
-  x_kc = x.reshape(2, 8, 8, 6, 4).swapaxes(3, 4).reshape(2, 8, 8, 24)  # channel k*C + c
+  y = module.apply({"params": params}, xs)
+  x_kc = jnp.concatenate(xs, axis=-1)  # channel k*C + c
   per_branch = dwconv.depthwise_conv2d_lax(x_kc, params["kernel"]).reshape(2, 8, 8, 4, 6).sum(3)
   np.testing.assert_allclose(y, per_branch + jnp.arange(6.0), atol=1e-4, rtol=1e-5)
-  with pytest.raises(ValueError, match="divisible"):
+  with pytest.raises(ValueError, match="sequence of 4 branches"):
     dwconv.DepthwiseConv(sum_branches=4).init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 6)))
-  with pytest.raises(ValueError, match=r"\[N, H, W, C, K\]"):
-    dwconv.depthwise_conv2d_sum(jnp.zeros((1, 4, 4, 6)), jnp.zeros((7, 7, 1, 6)))
+  with pytest.raises(ValueError, match="sequence of 4 branches"):
+    dwconv.DepthwiseConv(sum_branches=4).init(jax.random.PRNGKey(0), xs[:3])
+  with pytest.raises(ValueError, match=r"kernel \[kh, kw, K, C\]"):
+    dwconv.depthwise_conv2d_sum(xs, jnp.zeros((7, 7, 3, 6)))
+  with pytest.raises(ValueError, match="same-shaped"):
+    dwconv.depthwise_conv2d_sum([xs[0], xs[1][:, :4]], jnp.zeros((7, 7, 2, 6)))

@@ -373,47 +373,60 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (
   return depthwise_conv2d_lax(x, kernel, strides)
 
 
-def _check_sum(x: jax.Array, kernel: jax.Array) -> None:
-  if x.ndim != 5 or kernel.ndim != 4 or kernel.shape[2:] != x.shape[:2:-1]:
+def _check_sum(xs: Sequence[jax.Array], kernel: jax.Array) -> None:
+  shapes = {tuple(x.shape) for x in xs}
+  if (
+    not xs
+    or len(shapes) != 1
+    or xs[0].ndim != 4
+    or kernel.ndim != 4
+    or kernel.shape[2:] != (len(xs), xs[0].shape[3])
+  ):
     raise ValueError(
-      "branch-summed depthwise conv wants x [N, H, W, C, K] and kernel [kh, kw, K, C]; "
-      f"got {x.shape}, {kernel.shape}"
+      "branch-summed depthwise conv wants K same-shaped branches [N, H, W, C] and a kernel "
+      f"[kh, kw, K, C]; got branches {sorted(shapes)} and kernel {kernel.shape}"
     )
 
 
 def depthwise_conv2d_sum(
-  x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1), impl: str | None = None
+  xs: Sequence[jax.Array],
+  kernel: jax.Array,
+  strides: Sequence[int] = (1, 1),
+  impl: str | None = None,
 ) -> jax.Array:
-  """Σ_k depthwise_conv2d(x[..., k], kernel[:, :, k, :]): [N, H, W, C, K] -> [N, H', W', C].
+  """Σ_k depthwise_conv2d(xs[k], kernel[:, :, k, :]): K branches [N, H, W, C] -> [N, H', W', C].
 
   The grouped convolution from K*C to C channels with groups=C (MBPL's merge, DESIGN.md §3),
-  chosen per backend like `depthwise_conv2d` (or by `impl`): lax's grouped conv, the shift
-  form over the C*K stacked channels then a sum over K, or the Toeplitz product with the K
-  branches inside its contraction (small maps on CPU; no [N, H', W', C, K] intermediate).
-  The branch axis is minor so that lax's groups (K consecutive channels per output channel)
-  are a free reshape of x, with no transpose.
+  chosen per backend like `depthwise_conv2d` (or by `impl`): the native kernels with the K
+  branches as separate operands (nothing stacked; the K-branch sum happens in the output
+  registers), lax's grouped conv, the shift form over the C*K stacked channels then a sum over
+  K, or the Toeplitz product with the K branches inside its contraction (small maps on CPU).
+  The XLA forms stack the branches on a minor axis (channel c*K + k), so lax's groups (K
+  consecutive channels per output channel) are a free reshape, with no transpose.
   """
-  _check_sum(x, kernel)
-  n, h, w, c, k = x.shape
+  _check_sum(xs, kernel)
+  n, h, w, c = xs[0].shape
+  k = len(xs)
   kh, kw = kernel.shape[:2]
-  strides = _check(x[..., 0], kernel[:, :, 0, :, None], strides)
+  strides = _check(xs[0], kernel[:, :, 0, :, None], strides)
   impl = impl or implementation((h, w), n)
-  dtype = jnp.promote_types(x.dtype, kernel.dtype)
+  dtype = jnp.promote_types(jnp.result_type(*xs), kernel.dtype)
+  if impl == "native":
+    return dwconv_native.depthwise_conv2d_native_sum(xs, kernel, strides).astype(dtype)
+  x = jnp.stack([x.astype(dtype) for x in xs], axis=-1)  # [N, H, W, C, K]
   if impl == "matmul":
     ho, wo = -(-h // strides[0]), -(-w // strides[1])
     taps = kernel.astype(dtype).reshape(kh * kw, k, c)
-    y = _toeplitz_matmul(x.astype(dtype).reshape(n, h * w, c, k), taps, (h, w), (kh, kw), strides)
+    y = _toeplitz_matmul(x.reshape(n, h * w, c, k), taps, (h, w), (kh, kw), strides)
     return y.reshape(n, ho, wo, c).astype(dtype)
-  if impl in ("shift", "native"):
+  if impl == "shift":
     # The plain depthwise conv over the C*K stacked channels, then the sum over K.
     kern = jnp.swapaxes(kernel, 2, 3).reshape(kh, kw, c * k, 1)  # channel c*K + k, like x
-    conv = depthwise_conv2d_shift if impl == "shift" else dwconv_native.depthwise_conv2d_native
-    y = conv(x.reshape(n, h, w, c * k), kern, strides)
+    y = depthwise_conv2d_shift(x.reshape(n, h, w, c * k), kern, strides)
     return y.reshape(n, *y.shape[1:3], c, k).sum(axis=4, dtype=jnp.float32).astype(dtype)
   # lax: groups of K consecutive input channels (c, k) feed output channel c.
-  xg = x.reshape(n, h, w, c * k).astype(dtype)
   return lax.conv_general_dilated(
-    xg,
+    x.reshape(n, h, w, c * k),
     kernel.astype(dtype),
     window_strides=strides,
     padding="SAME",
@@ -424,8 +437,8 @@ def depthwise_conv2d_sum(
 
 
 class DepthwiseConv(nn.Module):
-  """Depthwise conv [N, H, W, C] -> [N, H', W', C*multiplier] (or C/sum_branches), SAME padding,
-  optional bias."""
+  """Depthwise conv [N, H, W, C] -> [N, H', W', C*multiplier], SAME padding, optional bias; or,
+  with sum_branches=K, the branch-summed conv of K inputs [N, H, W, C] -> [N, H', W', C]."""
 
   kernel_size: int = 7
   multiplier: int = 1
@@ -434,33 +447,30 @@ class DepthwiseConv(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.truncated_normal(0.02)
-  # > 1: the input stacks this many branches on channels (channel c*K + k: branch-minor) and the
-  # output sums them: the grouped conv K*C -> C with groups=C (`depthwise_conv2d_sum`). The
-  # kernel keeps the [kh, kw, K*C, 1] shape, indexed k*C + c (branch-major).
+  # > 1: the input is a sequence of this many branches [N, H, W, C] and the output sums their
+  # convs: the grouped conv K*C -> C with groups=C (`depthwise_conv2d_sum`). The kernel has the
+  # [kh, kw, K*C, 1] shape of that grouped conv, indexed k*C + c (branch-major).
   sum_branches: int = 1
 
   @nn.compact
   def __call__(self, x):
-    c = x.shape[-1]
-    k = self.param(
-      "kernel",
-      self.kernel_init,
-      (self.kernel_size, self.kernel_size, c, self.multiplier),
-      self.param_dtype,
-    )
-    strides = (self.strides,) * 2
     nb = self.sum_branches
+    ks = self.kernel_size
+    strides = (self.strides,) * 2
     if nb == 1:
+      c = x.shape[-1]
+      k = self.param("kernel", self.kernel_init, (ks, ks, c, self.multiplier), self.param_dtype)
       y = depthwise_conv2d(x.astype(self.dtype), k.astype(self.dtype), strides)
     else:
-      if c % nb or self.multiplier != 1:
+      if isinstance(x, jax.Array) or len(x) != nb or self.multiplier != 1:
         raise ValueError(
-          f"sum_branches={nb} needs multiplier 1 and channels divisible by it; got {c} channels, "
-          f"multiplier {self.multiplier}"
+          f"sum_branches={nb} wants a sequence of {nb} branches [N, H, W, C] and multiplier 1; "
+          f"got {type(x).__name__} of length {len(x)}, multiplier {self.multiplier}"
         )
-      kb = k.reshape(self.kernel_size, self.kernel_size, nb, c // nb)
-      xb = x.reshape(*x.shape[:3], c // nb, nb)
-      y = depthwise_conv2d_sum(xb.astype(self.dtype), kb.astype(self.dtype), strides)
+      c = x[0].shape[-1]
+      k = self.param("kernel", self.kernel_init, (ks, ks, nb * c, 1), self.param_dtype)
+      kb = k.reshape(ks, ks, nb, c).astype(self.dtype)
+      y = depthwise_conv2d_sum([b.astype(self.dtype) for b in x], kb, strides)
     if self.use_bias:
       b = self.param("bias", nn.initializers.zeros, (y.shape[-1],), self.param_dtype)
       y = y + b.astype(self.dtype)

@@ -151,14 +151,13 @@ def unavailable_reason() -> str | None:
   return _load()
 
 
-def _call(kind: str, a: jax.Array, b: jax.Array, out_shape, strides, pads) -> jax.Array:
+def _call(kind: str, operands, out_shapes, strides, pads):
   return jax.ffi.ffi_call(
     _FFI_NAME.format(kind),
-    jax.ShapeDtypeStruct(out_shape, jnp.float32),
+    [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in out_shapes],
     vmap_method="sequential",
   )(
-    a,
-    b,
+    *operands,
     sh=np.int64(strides[0]),
     sw=np.int64(strides[1]),
     pt=np.int64(pads[0][0]),
@@ -173,26 +172,34 @@ def _geometry(x_shape, kernel_hw, strides):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dwconv(x, w, strides):
-  """x [N, H, W, C] f32, w [kh, kw, C] f32 -> [N, H', W', C] f32."""
-  pads, (ho, wo) = _geometry(x.shape, w.shape[:2], strides)
-  return _call("fwd", x, w, (x.shape[0], ho, wo, x.shape[3]), strides, pads)
+def _dwconv(xs, w, strides):
+  """Σ_k conv(xs[k], w[k]): xs a tuple of B f32 [N, H, W, C], w [B, kh, kw, C] f32 ->
+  [N, H', W', C] f32. The B branches stay separate operands of one custom call (no stack)."""
+  x = xs[0]
+  pads, (ho, wo) = _geometry(x.shape, w.shape[1:3], strides)
+  (y,) = _call("fwd", (w, *xs), [(x.shape[0], ho, wo, x.shape[3])], strides, pads)
+  return y
 
 
-def _dwconv_fwd(x, w, strides):
-  return _dwconv(x, w, strides), (x, w)
+def _dwconv_fwd(xs, w, strides):
+  return _dwconv(xs, w, strides), (xs, w)
 
 
 def _dwconv_bwd(strides, res, g):
-  x, w = res
-  pads, _ = _geometry(x.shape, w.shape[:2], strides)
+  xs, w = res
+  pads, _ = _geometry(xs[0].shape, w.shape[1:3], strides)
   g = g.astype(jnp.float32)
-  dx = _call("bwd_input", g, w, x.shape, strides, pads)
-  dw = _call("bwd_kernel", x, g, w.shape, strides, pads)
-  return dx, dw
+  dxs = _call("bwd_input", (w, g), [xs[0].shape] * len(xs), strides, pads)
+  (dw,) = _call("bwd_kernel", (g, *xs), [w.shape], strides, pads)
+  return tuple(dxs), dw
 
 
 _dwconv.defvjp(_dwconv_fwd, _dwconv_bwd)
+
+
+def _require() -> None:
+  if not available():
+    raise RuntimeError(f"native depthwise conv unavailable: {unavailable_reason()}")
 
 
 def depthwise_conv2d_native(
@@ -205,12 +212,25 @@ def depthwise_conv2d_native(
   float32 and returns the promoted input dtype. A multiplier M > 1 repeats each input channel M
   times first (the gradient of that repeat sums the M copies back).
   """
-  if not available():
-    raise RuntimeError(f"native depthwise conv unavailable: {unavailable_reason()}")
+  _require()
   kh, kw, c, m = kernel.shape
   dtype = jnp.promote_types(x.dtype, kernel.dtype)
   xf = x.astype(jnp.float32)
   if m > 1:
     xf = jnp.repeat(xf, m, axis=3)
-  y = _dwconv(xf, kernel.astype(jnp.float32).reshape(kh, kw, c * m), tuple(strides))
+  y = _dwconv((xf,), kernel.astype(jnp.float32).reshape(1, kh, kw, c * m), tuple(strides))
+  return y.astype(dtype)
+
+
+def depthwise_conv2d_native_sum(
+  xs: Sequence[jax.Array], kernel: jax.Array, strides: Sequence[int] = (1, 1)
+) -> jax.Array:
+  """Σ_k depthwise conv of xs[k] [N, H, W, C] with kernel[:, :, k, :] ([kh, kw, K, C]) through
+  the native kernels, each branch a separate operand: no [N, H, W, C, K] stack is written, the
+  forward accumulates the K branches in one output, and the input gradient writes the K branch
+  gradients from one pass over the cotangent. Computes in float32, returns the promoted dtype."""
+  _require()
+  dtype = jnp.promote_types(jnp.result_type(*xs), kernel.dtype)
+  w = jnp.moveaxis(kernel.astype(jnp.float32), 2, 0)  # [K, kh, kw, C]: tiny
+  y = _dwconv(tuple(x.astype(jnp.float32) for x in xs), w, tuple(strides))
   return y.astype(dtype)

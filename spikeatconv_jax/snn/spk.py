@@ -187,18 +187,16 @@ class SPK(nn.Module):
     if x.ndim != 5:
       raise ValueError(f"MBPL merge {self.mbpl_merge!r} needs [T, B, H, W, C], got {x.shape}")
     t, b, h, w, c = x.shape
-    # Z = Σ_k DW7_k(S_k): the K branches stacked on channels (channel c*K + k, branch-minor, so
-    # that lax's grouped conv K*C -> C with groups=C of DESIGN.md §3 reads it with no transpose).
-    k = len(spikes)
-    stacked = jnp.stack(spikes, axis=-1).reshape(t * b, h, w, c * k)
+    # Z = Σ_k DW7_k(S_k): the grouped conv K*C -> C with groups=C of DESIGN.md §3, fed the K
+    # branches as a sequence (the native CPU kernels take them as separate operands, no stack).
     z = DepthwiseConv(
       7,
       use_bias=False,
-      sum_branches=k,
+      sum_branches=len(spikes),
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="merge_dw",
-    )(stacked)
+    )([s_k.reshape(t * b, h, w, c) for s_k in spikes])
     z = z + self.param("merge_bias", nn.initializers.zeros, (c,), self.param_dtype).astype(z.dtype)
     if self.mbpl_merge == "convnext":
       z = common.layer_norm(dtype=self.dtype, name="merge_ln0")(z)

@@ -4,9 +4,14 @@
 // 1 GFLOP/s; these loops are vectorised over the contiguous channel axis with the accumulators
 // in registers, and split across XLA's intra-op thread pool.
 //
+// Each kernel also takes B branches (MBPL's merge, y = sum_k conv(x_k, w_k)) as separate operands,
+// so the branches are never stacked into one tensor: the forward sums B inputs into one output,
+// the input gradient writes B outputs from one cotangent, the kernel gradient reads B inputs.
+// The branch weights are one [B, kh, kw, C] operand.
+//
 // Built on first use by spikeatconv_jax/layers/dwconv_native.py (g++ -O3 -march=native against
-// jax.ffi.include_dir()); the channel multiplier and MBPL's branch sum are reshapes around
-// these three kernels on the Python side.
+// jax.ffi.include_dir()); the channel multiplier is a reshape around these kernels on the
+// Python side.
 
 #include <algorithm>
 #include <atomic>
@@ -93,9 +98,10 @@ inline void ChannelBlocks(int64_t c0, int64_t channels, Block&& block, Tail&& ta
 
 template <int V>
 inline void FwdPixel(const Geometry& g, const float* x, const float* w, float* y, int64_t n,
-                     int64_t i, int64_t j, int64_t c0) {
+                     int64_t i, int64_t j, int64_t c0, bool add) {
+  float* yp = y + ((n * g.ho + i) * g.wo + j) * g.c + c0;
   v16 acc[V];
-  for (int v = 0; v < V; ++v) acc[v] = v16{};
+  for (int v = 0; v < V; ++v) acc[v] = add ? load(yp + 16 * v) : v16{};
   for (int64_t a = 0; a < g.kh; ++a) {
     const int64_t hi = i * g.sh + a - g.pt;
     if (hi < 0 || hi >= g.h) continue;
@@ -109,15 +115,14 @@ inline void FwdPixel(const Geometry& g, const float* x, const float* w, float* y
       for (int v = 0; v < V; ++v) acc[v] += load(xp + 16 * v) * load(wp + 16 * v);
     }
   }
-  float* yp = y + ((n * g.ho + i) * g.wo + j) * g.c + c0;
   for (int v = 0; v < V; ++v) store(yp + 16 * v, acc[v]);
 }
 
 inline void FwdPixelScalar(const Geometry& g, const float* x, const float* w, float* y, int64_t n,
-                           int64_t i, int64_t j, int64_t c0) {
+                           int64_t i, int64_t j, int64_t c0, bool add) {
   float* yp = y + ((n * g.ho + i) * g.wo + j) * g.c;
   for (int64_t c = c0; c < g.c; ++c) {
-    float acc = 0.f;
+    float acc = add ? yp[c] : 0.f;
     for (int64_t a = 0; a < g.kh; ++a) {
       const int64_t hi = i * g.sh + a - g.pt;
       if (hi < 0 || hi >= g.h) continue;
@@ -136,6 +141,7 @@ inline void FwdPixelScalar(const Geometry& g, const float* x, const float* w, fl
 // is loaded once for all the outputs that read it, so the loop runs on FMAs rather than loads.
 // kEdge: some of the block's input columns may lie in the zero padding (they are skipped), and
 // only the first `valid` outputs are stored (the row's last block may be partial).
+// add: accumulate onto y (the branches after the first of a branch sum) instead of overwriting.
 constexpr int kBlock = 8;
 
 template <int KW, int S>
@@ -145,11 +151,12 @@ inline bool Interior(const Geometry& g, int64_t j0) {
 
 template <int KW, int S, bool kEdge>
 inline void FwdBlock(const Geometry& g, const float* x, const float* w, float* y, int64_t n,
-                     int64_t i, int64_t j0, int64_t c0, int64_t valid) {
+                     int64_t i, int64_t j0, int64_t c0, int64_t valid, bool add) {
   constexpr int P = kBlock;
   const int64_t col0 = j0 * S - g.pl;
+  float* yp = y + ((n * g.ho + i) * g.wo + j0) * g.c + c0;
   v16 acc[P];
-  for (int p = 0; p < P; ++p) acc[p] = v16{};
+  for (int p = 0; p < P; ++p) acc[p] = add && (!kEdge || p < valid) ? load(yp + p * g.c) : v16{};
   for (int64_t a = 0; a < g.kh; ++a) {
     const int64_t hi = i * g.sh + a - g.pt;
     if (hi < 0 || hi >= g.h) continue;
@@ -169,7 +176,6 @@ inline void FwdBlock(const Geometry& g, const float* x, const float* w, float* y
       }
     }
   }
-  float* yp = y + ((n * g.ho + i) * g.wo + j0) * g.c + c0;
   if (kEdge) {
     for (int p = 0; p < P; ++p)
       if (p < valid) store(yp + p * g.c, acc[p]);
@@ -183,15 +189,15 @@ inline void FwdBlock(const Geometry& g, const float* x, const float* w, float* y
 // read consecutive cache lines of the same input pixels.
 template <int KW, int S>
 void FwdRow(const Geometry& g, const float* x, const float* w, float* y, int64_t n, int64_t i,
-            int64_t c_lo, int64_t c_hi) {
+            int64_t c_lo, int64_t c_hi, bool add) {
   for (int64_t j = 0; j < g.wo; j += kBlock) {
     if (Interior<KW, S>(g, j)) {
       for (int64_t c0 = c_lo; c0 < c_hi; c0 += 16)
-        FwdBlock<KW, S, false>(g, x, w, y, n, i, j, c0, kBlock);
+        FwdBlock<KW, S, false>(g, x, w, y, n, i, j, c0, kBlock, add);
     } else {
       const int64_t valid = std::min<int64_t>(kBlock, g.wo - j);
       for (int64_t c0 = c_lo; c0 < c_hi; c0 += 16)
-        FwdBlock<KW, S, true>(g, x, w, y, n, i, j, c0, valid);
+        FwdBlock<KW, S, true>(g, x, w, y, n, i, j, c0, valid, add);
     }
   }
 }
@@ -203,10 +209,20 @@ int64_t ChunkChannels(const Geometry& g, int64_t c_vec) {
   return std::min(c_vec, std::max<int64_t>(16, fit));
 }
 
+// One conv of a branched call: y (+)= conv(x, w); `add` accumulates onto y.
+struct Term {
+  const float* x;
+  const float* w;
+  float* y;
+  bool add;
+};
+
 // Work items: (channel chunk, output row) pairs, chunk-major, so that each thread's contiguous
-// range walks down the rows of one chunk. Channels past the last multiple of 16 (and every
-// channel of kernels other than 7 wide at stride 1 or 2) go pixel by pixel.
-void Forward(const Geometry& g, const float* x, const float* w, float* y, ffi::ThreadPool& pool) {
+// range walks down the rows of one chunk; each item runs every term on its row, so a branch
+// sum accumulates in cache and the branches of one input reuse its rows from cache. Channels
+// past the last multiple of 16 (and every channel of kernels other than 7 wide at stride 1 or
+// 2) go pixel by pixel.
+void Forward(const Geometry& g, const std::vector<Term>& terms, ffi::ThreadPool& pool) {
   const bool blocked = g.kw == 7 && (g.sw == 1 || g.sw == 2);
   const int64_t c_vec = blocked ? g.c / 16 * 16 : 0;
   const int64_t chunk = c_vec > 0 ? ChunkChannels(g, c_vec) : 1;
@@ -216,17 +232,21 @@ void Forward(const Geometry& g, const float* x, const float* w, float* y, ffi::T
     for (int64_t u = begin; u < end; ++u) {
       const int64_t k = u / rows, row = u % rows;
       const int64_t n = row / g.ho, i = row % g.ho;
-      if (c_vec > 0) {
-        const int64_t c_lo = k * chunk, c_hi = std::min(c_vec, c_lo + chunk);
-        if (g.sw == 1) FwdRow<7, 1>(g, x, w, y, n, i, c_lo, c_hi);
-        else FwdRow<7, 2>(g, x, w, y, n, i, c_lo, c_hi);
-      }
-      if (k != chunks - 1 || c_vec == g.c) continue;
-      for (int64_t j = 0; j < g.wo; ++j) {
-        ChannelBlocks(
-            c_vec, g.c,
-            [&](auto v, int64_t c) { FwdPixel<decltype(v)::value>(g, x, w, y, n, i, j, c); },
-            [&](int64_t c) { FwdPixelScalar(g, x, w, y, n, i, j, c); });
+      for (const Term& t : terms) {
+        if (c_vec > 0) {
+          const int64_t c_lo = k * chunk, c_hi = std::min(c_vec, c_lo + chunk);
+          if (g.sw == 1) FwdRow<7, 1>(g, t.x, t.w, t.y, n, i, c_lo, c_hi, t.add);
+          else FwdRow<7, 2>(g, t.x, t.w, t.y, n, i, c_lo, c_hi, t.add);
+        }
+        if (k != chunks - 1 || c_vec == g.c) continue;
+        for (int64_t j = 0; j < g.wo; ++j) {
+          ChannelBlocks(
+              c_vec, g.c,
+              [&](auto v, int64_t c) {
+                FwdPixel<decltype(v)::value>(g, t.x, t.w, t.y, n, i, j, c, t.add);
+              },
+              [&](int64_t c) { FwdPixelScalar(g, t.x, t.w, t.y, n, i, j, c, t.add); });
+        }
       }
     }
   });
@@ -279,29 +299,43 @@ inline void BwdInputPixelScalar(const Geometry& g, const float* dy, const float*
   }
 }
 
-void BackwardInput(const Geometry& g, const float* dy, const float* w, float* dx,
-                   ffi::ThreadPool& pool) {
+// dx[k] = conv_transpose(dy, w[k]) for each branch k (w holds the B kernels back to back).
+void BackwardInput(const Geometry& g, const float* dy, const float* w,
+                   const std::vector<float*>& dx, ffi::ThreadPool& pool) {
+  const int64_t taps = g.kh * g.kw * g.c;
+  const int64_t nb = static_cast<int64_t>(dx.size());
   if (g.sh == 1 && g.sw == 1) {
     // A stride-1 transposed conv is a conv of dy with the flipped kernel and mirrored padding:
     // dx[p, q] = sum_{a, b} dy[p - (kh-1-pt) + a, q - (kw-1-pl) + b] * w[kh-1-a, kw-1-b].
-    std::vector<float> flipped(static_cast<size_t>(g.kh * g.kw * g.c));
-    for (int64_t a = 0; a < g.kh; ++a)
-      for (int64_t b = 0; b < g.kw; ++b)
-        std::memcpy(&flipped[(a * g.kw + b) * g.c], w + ((g.kh - 1 - a) * g.kw + g.kw - 1 - b) * g.c,
-                    sizeof(float) * g.c);
+    std::vector<float> flipped(static_cast<size_t>(nb * taps));
+    std::vector<Term> terms;
+    for (int64_t k = 0; k < nb; ++k) {
+      float* fk = flipped.data() + k * taps;
+      const float* wk = w + k * taps;
+      for (int64_t a = 0; a < g.kh; ++a)
+        for (int64_t b = 0; b < g.kw; ++b)
+          std::memcpy(fk + (a * g.kw + b) * g.c, wk + ((g.kh - 1 - a) * g.kw + g.kw - 1 - b) * g.c,
+                      sizeof(float) * g.c);
+      terms.push_back(Term{dy, fk, dx[k], false});
+    }
     const Geometry t{g.n, g.ho, g.wo, g.c, g.h, g.w, g.kh, g.kw, 1, 1, g.kh - 1 - g.pt,
                      g.kw - 1 - g.pl};
-    Forward(t, dy, flipped.data(), dx, pool);
+    Forward(t, terms, pool);
     return;
   }
   ParallelFor(pool, g.n * g.h, Parts(pool), [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.h, p = row % g.h;
-      for (int64_t q = 0; q < g.w; ++q) {
-        ChannelBlocks(
-            0, g.c,
-            [&](auto v, int64_t c) { BwdInputPixel<decltype(v)::value>(g, dy, w, dx, n, p, q, c); },
-            [&](int64_t c) { BwdInputPixelScalar(g, dy, w, dx, n, p, q, c); });
+      for (int64_t k = 0; k < nb; ++k) {
+        const float* wk = w + k * taps;
+        for (int64_t q = 0; q < g.w; ++q) {
+          ChannelBlocks(
+              0, g.c,
+              [&](auto v, int64_t c) {
+                BwdInputPixel<decltype(v)::value>(g, dy, wk, dx[k], n, p, q, c);
+              },
+              [&](int64_t c) { BwdInputPixelScalar(g, dy, wk, dx[k], n, p, q, c); });
+        }
       }
     }
   });
@@ -394,108 +428,159 @@ void BwdKernelRow(const Geometry& g, const float* x, const float* dy, float* dw,
   for (int b = 0; b < KW; ++b) store(out + b * g.c, acc[b]);
 }
 
-void BackwardKernel(const Geometry& g, const float* x, const float* dy, float* dw,
-                    ffi::ThreadPool& pool) {
+// dw[k] = kernel gradient of conv(x[k], .) against dy, for each branch k (dw holds the B
+// kernel gradients back to back). Each part sums its range of output rows into its own buffer.
+void BackwardKernel(const Geometry& g, const std::vector<const float*>& xs, const float* dy,
+                    float* dw, ffi::ThreadPool& pool) {
   const int64_t taps = g.kh * g.kw * g.c;
+  const int64_t nb = static_cast<int64_t>(xs.size());
   const int64_t rows = g.n * g.ho;
   const int64_t parts = std::max<int64_t>(1, std::min(Parts(pool), rows));
-  std::vector<float> partial(static_cast<size_t>(parts * taps), 0.f);
+  std::vector<float> partial(static_cast<size_t>(parts * nb * taps), 0.f);
   ParallelFor(pool, rows, parts, [&](int64_t begin, int64_t end, int64_t part) {
-    float* acc = partial.data() + part * taps;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.ho, i = row % g.ho;
-      for (int64_t a = 0; a < g.kh; ++a) {
-        int64_t c_blocked = 0;
-        if (g.kw == 7 && (g.sw == 1 || g.sw == 2)) {
-          for (; c_blocked + 16 <= g.c; c_blocked += 16) {
-            if (g.sw == 1) BwdKernelRow<7, 1>(g, x, dy, acc, n, i, a, c_blocked);
-            else BwdKernelRow<7, 2>(g, x, dy, acc, n, i, a, c_blocked);
+      for (int64_t k = 0; k < nb; ++k) {
+        const float* x = xs[k];
+        float* acc = partial.data() + (part * nb + k) * taps;
+        for (int64_t a = 0; a < g.kh; ++a) {
+          int64_t c_blocked = 0;
+          if (g.kw == 7 && (g.sw == 1 || g.sw == 2)) {
+            for (; c_blocked + 16 <= g.c; c_blocked += 16) {
+              if (g.sw == 1) BwdKernelRow<7, 1>(g, x, dy, acc, n, i, a, c_blocked);
+              else BwdKernelRow<7, 2>(g, x, dy, acc, n, i, a, c_blocked);
+            }
           }
-        }
-        for (int64_t b = 0; b < g.kw; ++b) {
-          ChannelBlocks(
-              c_blocked, g.c,
-              [&](auto v, int64_t c) {
-                BwdKernelRowTap<decltype(v)::value>(g, x, dy, acc, n, i, a, b, c);
-              },
-              [&](int64_t c) { BwdKernelRowTapScalar(g, x, dy, acc, n, i, a, b, c); });
+          for (int64_t b = 0; b < g.kw; ++b) {
+            ChannelBlocks(
+                c_blocked, g.c,
+                [&](auto v, int64_t c) {
+                  BwdKernelRowTap<decltype(v)::value>(g, x, dy, acc, n, i, a, b, c);
+                },
+                [&](int64_t c) { BwdKernelRowTapScalar(g, x, dy, acc, n, i, a, b, c); });
+          }
         }
       }
     }
   });
-  std::fill(dw, dw + taps, 0.f);
+  std::fill(dw, dw + nb * taps, 0.f);
   for (int64_t p = 0; p < parts; ++p) {
-    const float* src = partial.data() + p * taps;
-    for (int64_t t = 0; t < taps; ++t) dw[t] += src[t];
+    const float* src = partial.data() + p * nb * taps;
+    for (int64_t t = 0; t < nb * taps; ++t) dw[t] += src[t];
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// FFI bindings. Shapes: x [N, H, W, C], w [kh, kw, C], y/dy [N, Ho, Wo, C].
+// FFI bindings. B >= 1 branches; shapes: x_k [N, H, W, C], w [B, kh, kw, C], y/dy [N, Ho, Wo, C].
+//   fwd:        (w, x_1 .. x_B)  -> y                y = sum_k conv(x_k, w[k])
+//   bwd_input:  (w, dy)          -> dx_1 .. dx_B     dx_k = conv_transpose(dy, w[k])
+//   bwd_kernel: (dy, x_1 .. x_B) -> dw [B, kh, kw, C]
 
 using Dims = ffi::AnyBuffer::Dimensions;
 
-// Checks the three shapes, in their roles x [N, H, W, C], w [kh, kw, C], y [N, Ho, Wo, C] (for
-// the input gradient x is dx and y is dy; for the kernel gradient w is dw), and fills `g`.
-ffi::Error MakeGeometry(const Dims& xd, const Dims& wd, const Dims& yd, int64_t sh, int64_t sw,
-                        int64_t pt, int64_t pl, Geometry* g) {
-  if (xd.size() != 4 || wd.size() != 3 || yd.size() != 4)
+// Checks the shapes, in their roles x [N, H, W, C] (every branch), w [B, kh, kw, C],
+// y [N, Ho, Wo, C] (for the input gradient x is dx and y is dy; for the kernel gradient w is
+// dw), and fills `g`.
+ffi::Error MakeGeometry(const std::vector<Dims>& xds, const Dims& wd, const Dims& yd, int64_t sh,
+                        int64_t sw, int64_t pt, int64_t pl, Geometry* g) {
+  if (xds.empty()) return ffi::Error::InvalidArgument("depthwise conv: no branch operands");
+  const Dims& xd = xds[0];
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument(
-        "depthwise conv wants input [N, H, W, C], kernel [kh, kw, C], output [N, Ho, Wo, C]");
-  *g = Geometry{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], wd[0], wd[1], sh, sw, pt, pl};
-  if (wd[2] != g->c || yd[3] != g->c || yd[0] != g->n)
+        "depthwise conv wants inputs [N, H, W, C], kernel [B, kh, kw, C], output [N, Ho, Wo, C]");
+  for (const Dims& d : xds)
+    if (!std::equal(d.begin(), d.end(), xd.begin(), xd.end()))
+      return ffi::Error::InvalidArgument("depthwise conv: branch shapes differ");
+  *g = Geometry{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], wd[1], wd[2], sh, sw, pt, pl};
+  if (wd[0] != static_cast<int64_t>(xds.size()))
+    return ffi::Error::InvalidArgument("depthwise conv: kernel branches disagree with operands");
+  if (wd[3] != g->c || yd[3] != g->c || yd[0] != g->n)
     return ffi::Error::InvalidArgument("depthwise conv: channel or batch sizes disagree");
   if (sh < 1 || sw < 1)
     return ffi::Error::InvalidArgument("depthwise conv: strides must be positive");
   return ffi::Error::Success();
 }
 
-ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+// Decodes the float32 buffers of `list` (remaining args or rets) from index 0 on.
+template <typename List, typename Ptr>
+ffi::Error Decode(const List& list, std::vector<Dims>* dims, std::vector<Ptr>* data) {
+  for (size_t k = 0; k < list.size(); ++k) {
+    auto buf = list.template get<ffi::Buffer<ffi::F32>>(k);
+    if (buf.has_error()) return buf.error();
+    auto& b = buf.value();
+    if constexpr (std::is_same_v<Ptr, float*>) {
+      dims->push_back(b->dimensions());
+      data->push_back(b->typed_data());
+    } else {
+      dims->push_back(b.dimensions());
+      data->push_back(b.typed_data());
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::RemainingArgs xs,
                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  std::vector<Dims> xds;
+  std::vector<const float*> x;
   Geometry g;
-  if (auto e = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pl, &g);
-      e.failure())
+  if (auto e = Decode(xs, &xds, &x); e.failure()) return e;
+  if (auto e = MakeGeometry(xds, w.dimensions(), y->dimensions(), sh, sw, pt, pl, &g); e.failure())
     return e;
-  Forward(g, x.typed_data(), w.typed_data(), y->typed_data(), pool);
+  const int64_t taps = g.kh * g.kw * g.c;
+  std::vector<Term> terms;
+  for (size_t k = 0; k < x.size(); ++k)
+    terms.push_back(Term{x[k], w.typed_data() + k * taps, y->typed_data(), k > 0});
+  Forward(g, terms, pool);
   return ffi::Error::Success();
 }
 
-ffi::Error BwdInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                        ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
-                        int64_t pl) {
+ffi::Error BwdInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> dy,
+                        ffi::RemainingRets dxs, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  std::vector<Dims> xds;
+  std::vector<float*> dx;
   Geometry g;
-  if (auto e = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pl, &g);
-      e.failure())
+  if (auto e = Decode(dxs, &xds, &dx); e.failure()) return e;
+  if (auto e = MakeGeometry(xds, w.dimensions(), dy.dimensions(), sh, sw, pt, pl, &g); e.failure())
     return e;
-  BackwardInput(g, dy.typed_data(), w.typed_data(), dx->typed_data(), pool);
+  BackwardInput(g, dy.typed_data(), w.typed_data(), dx, pool);
   return ffi::Error::Success();
 }
 
-ffi::Error BwdKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+ffi::Error BwdKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::RemainingArgs xs,
                          ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
                          int64_t pl) {
+  std::vector<Dims> xds;
+  std::vector<const float*> x;
   Geometry g;
-  if (auto e = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pl, &g);
+  if (auto e = Decode(xs, &xds, &x); e.failure()) return e;
+  if (auto e = MakeGeometry(xds, dw->dimensions(), dy.dimensions(), sh, sw, pt, pl, &g);
       e.failure())
     return e;
-  BackwardKernel(g, x.typed_data(), dy.typed_data(), dw->typed_data(), pool);
+  BackwardKernel(g, x, dy.typed_data(), dw->typed_data(), pool);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-#define SPIKEATCONV_BIND()                                  \
-  ffi::Ffi::Bind()                                                               \
-      .Ctx<ffi::ThreadPool>()                                                    \
-      .Arg<ffi::Buffer<ffi::F32>>()                                              \
-      .Arg<ffi::Buffer<ffi::F32>>()                                              \
-      .Ret<ffi::Buffer<ffi::F32>>()                                              \
-      .Attr<int64_t>("sh")                                                       \
-      .Attr<int64_t>("sw")                                                       \
-      .Attr<int64_t>("pt")                                                       \
-      .Attr<int64_t>("pl")
+#define SPIKEATCONV_ATTRS(binding) \
+  binding.Attr<int64_t>("sh").Attr<int64_t>("sw").Attr<int64_t>("pt").Attr<int64_t>("pl")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeAtConvDwconvFwd, FwdImpl, SPIKEATCONV_BIND());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeAtConvDwconvBwdInput, BwdInputImpl, SPIKEATCONV_BIND());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeAtConvDwconvFwd, FwdImpl,
+                              SPIKEATCONV_ATTRS(ffi::Ffi::Bind()
+                                                    .Ctx<ffi::ThreadPool>()
+                                                    .Arg<ffi::Buffer<ffi::F32>>()
+                                                    .RemainingArgs()
+                                                    .Ret<ffi::Buffer<ffi::F32>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeAtConvDwconvBwdInput, BwdInputImpl,
+                              SPIKEATCONV_ATTRS(ffi::Ffi::Bind()
+                                                    .Ctx<ffi::ThreadPool>()
+                                                    .Arg<ffi::Buffer<ffi::F32>>()
+                                                    .Arg<ffi::Buffer<ffi::F32>>()
+                                                    .RemainingRets()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeAtConvDwconvBwdKernel, BwdKernelImpl,
-                              SPIKEATCONV_BIND());
+                              SPIKEATCONV_ATTRS(ffi::Ffi::Bind()
+                                                    .Ctx<ffi::ThreadPool>()
+                                                    .Arg<ffi::Buffer<ffi::F32>>()
+                                                    .RemainingArgs()
+                                                    .Ret<ffi::Buffer<ffi::F32>>()));
