@@ -13,6 +13,10 @@ train=True with drop-path and BN updates) are lowered and compiled (timed separa
 once, then timed `--repeats` times; images/s uses the median. Memory is XLA's compiled
 `memory_analysis()`: arguments + outputs + temporaries (a peak estimate; aliasing not subtracted).
 
+--interleave compiles every setting first and then times them round-robin (one forward and one
+train step of each setting per round), so slow phases of a shared machine hit every setting
+alike: use it for ratios between settings (spiking vs spike-free, T=2 vs T=1).
+
 --compile-only builds the parameters abstractly and only lowers and compiles the train step
 (the compile-time targets for base and large: `--variant base --timesteps 1 --nets mbpl/sisa
 --compile-only`); the row then holds train_lower_s, train_compile_s and the optimized HLO's
@@ -99,7 +103,9 @@ def _peak_device_mb() -> float | None:
   return None if peak is None else peak / 2**20
 
 
-def run_setting(args, t: int, net: str) -> dict:
+def prepare_setting(args, t: int, net: str) -> tuple[dict, dict]:
+  """Builds, compiles and warms up one setting. Returns its row (settings, compile times,
+  memory) and {"fwd": fn, "train": fn} to time (empty with --compile-only)."""
   spk, att = net.split("/")
   spk, _, merge = spk.partition(":")  # e.g. "mbpl:sum/sisa": MBPL with the sum merge
   size, p = DEFAULT_SIZE[args.variant]
@@ -174,30 +180,54 @@ def run_setting(args, t: int, net: str) -> dict:
     hlo = step.as_text().splitlines()
     out["hlo_instructions"] = sum(1 for ln in hlo if " = " in ln and not ln.startswith("HloModule"))
     out.update(fwd_img_s=None, fwd_compile_s=None, fwd_mem_mb=None, train_img_s=None)
-    return out
+    return out, {}
   t0 = time.perf_counter()
   fwd = jax.jit(forward).lower(params, stats, images).compile()
   out["fwd_compile_s"] = time.perf_counter() - t0
   out["fwd_mem_mb"] = _mem_mb(fwd)
   jax.block_until_ready(fwd(params, stats, images))
-  out["fwd_img_s"] = b / _time(lambda: fwd(params, stats, images), args.repeats)
 
   t0 = time.perf_counter()
   step = jax.jit(train_step).lower(params, stats, opt_state, images, labels, rng).compile()
   out["train_compile_s"] = time.perf_counter() - t0
   out["train_mem_mb"] = _mem_mb(step)
   jax.block_until_ready(step(params, stats, opt_state, images, labels, rng))
-  out["train_img_s"] = b / _time(
-    lambda: step(params, stats, opt_state, images, labels, rng), args.repeats
-  )
-  out["device_peak_mb"] = _peak_device_mb()  # None on CPU (no allocator statistics)
   if args.mfu:
     out["train_tflops_per_image"] = train_flops_per_image(cfg, size) / 1e12
-    out["train_tflops_s"] = out["train_tflops_per_image"] * out["train_img_s"]
-    out["peak_tflops_s"] = args.peak_tflops or matmul_peak_tflops(args.dtype)
-    out["peak_source"] = "given" if args.peak_tflops else f"measured {args.dtype} matmul"
-    out["mfu"] = out["train_tflops_s"] / out["peak_tflops_s"]
-  return out
+  return out, {
+    "fwd": lambda: fwd(params, stats, images),
+    "train": lambda: step(params, stats, opt_state, images, labels, rng),
+  }
+
+
+def measure(args, settings: list[tuple[dict, dict]]) -> list[dict]:
+  """Times each setting's forward and train step `--repeats` times (round-robin over the
+  settings with --interleave, else one setting after another) and fills in the rows."""
+  samples = [{kind: [] for kind in fns} for _, fns in settings]
+  if args.interleave:
+    for _ in range(args.repeats):
+      for (_, fns), got in zip(settings, samples, strict=True):
+        for kind, fn in fns.items():
+          got[kind].append(_time(fn, 1))
+  else:
+    for (_, fns), got in zip(settings, samples, strict=True):
+      for kind, fn in fns.items():
+        got[kind] = [_time(fn, 1) for _ in range(args.repeats)]
+  rows = []
+  for (out, fns), got in zip(settings, samples, strict=True):
+    if fns:
+      b = out["batch"]
+      out["fwd_img_s"] = b / statistics.median(got["fwd"])
+      out["train_img_s"] = b / statistics.median(got["train"])
+      out["train_step_s"] = [round(v, 4) for v in got["train"]]
+      out["device_peak_mb"] = _peak_device_mb()  # None on CPU (no allocator statistics)
+      if args.mfu:
+        out["train_tflops_s"] = out["train_tflops_per_image"] * out["train_img_s"]
+        out["peak_tflops_s"] = args.peak_tflops or matmul_peak_tflops(args.dtype)
+        out["peak_source"] = "given" if args.peak_tflops else f"measured {args.dtype} matmul"
+        out["mfu"] = out["train_tflops_s"] / out["peak_tflops_s"]
+    rows.append(out)
+  return rows
 
 
 def main():
@@ -216,6 +246,11 @@ def main():
   )
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument(
+    "--interleave",
+    action="store_true",
+    help="compile every setting first, then time them round-robin (for ratios between settings)",
+  )
+  ap.add_argument(
     "--compile-only", action="store_true",
     help="abstract params (jax.eval_shape); only lower + compile the train step and time both",
   )  # fmt: skip
@@ -229,10 +264,13 @@ def main():
   )  # fmt: skip
   args = ap.parse_args()
 
-  rows = []
-  for net in args.nets.split(","):
-    for t in (int(v) for v in args.timesteps.split(",")):
-      rows.append(run_setting(args, t, net))
+  combos = [(net, int(t)) for net in args.nets.split(",") for t in args.timesteps.split(",")]
+  if args.interleave:
+    rows = measure(args, [prepare_setting(args, t, net) for net, t in combos])
+  else:
+    rows = []
+    for net, t in combos:
+      rows += measure(args, [prepare_setting(args, t, net)])
       # Each row as soon as it is measured (stderr), so a run cut short still leaves numbers.
       print(f"row {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
 

@@ -42,3 +42,28 @@ def test_vs_timm_reads_the_last_matching_json_line():
   assert vs_timm.last_json(text, '"benchmark": "model"') == {"benchmark": "model", "rows": []}
   with pytest.raises(RuntimeError, match="no JSON line"):
     vs_timm.last_json("nothing here", '"bench": "timm_train_step"')
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_model_benchmark_interleaves_settings(interleave):
+  import argparse
+
+  spec = importlib.util.spec_from_file_location("bench_model", REPO / "benchmarks" / "model.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  calls = []
+
+  def fn(name):
+    return lambda: calls.append(name) or 0
+
+  settings = [({"batch": 4}, {"fwd": fn("a.fwd"), "train": fn("a.train")})]
+  settings.append(({"batch": 4}, {"fwd": fn("b.fwd"), "train": fn("b.train")}))
+  args = argparse.Namespace(repeats=2, interleave=interleave, mfu=False)
+  rows = bench.measure(args, settings)
+  one_round = ["a.fwd", "a.train", "b.fwd", "b.train"]
+  if interleave:
+    assert calls == one_round * 2
+  else:
+    assert calls == ["a.fwd", "a.fwd", "a.train", "a.train", "b.fwd", "b.fwd", "b.train", "b.train"]
+  assert [len(r["train_step_s"]) for r in rows] == [2, 2]
+  assert all(r["train_img_s"] > 0 and r["fwd_img_s"] > 0 for r in rows)
