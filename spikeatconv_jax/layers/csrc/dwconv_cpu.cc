@@ -149,14 +149,14 @@ inline bool Interior(const Geometry& g, int64_t j0) {
   return j0 + kBlock <= g.wo && j0 * S - g.pl >= 0 && (j0 + kBlock - 1) * S + KW - 1 - g.pl < g.w;
 }
 
-template <int KW, int S, bool kEdge>
+template <int KW, int S, bool kEdge, bool kAdd>
 inline void FwdBlock(const Geometry& g, const float* x, const float* w, float* y, int64_t n,
-                     int64_t i, int64_t j0, int64_t c0, int64_t valid, bool add) {
+                     int64_t i, int64_t j0, int64_t c0, int64_t valid) {
   constexpr int P = kBlock;
   const int64_t col0 = j0 * S - g.pl;
   float* yp = y + ((n * g.ho + i) * g.wo + j0) * g.c + c0;
   v16 acc[P];
-  for (int p = 0; p < P; ++p) acc[p] = add && (!kEdge || p < valid) ? load(yp + p * g.c) : v16{};
+  for (int p = 0; p < P; ++p) acc[p] = kAdd && (!kEdge || p < valid) ? load(yp + p * g.c) : v16{};
   for (int64_t a = 0; a < g.kh; ++a) {
     const int64_t hi = i * g.sh + a - g.pt;
     if (hi < 0 || hi >= g.h) continue;
@@ -187,19 +187,27 @@ inline void FwdBlock(const Geometry& g, const float* x, const float* w, float* y
 // One output row, channels [c_lo, c_hi) in 16-channel slices, in blocks of kBlock outputs
 // (edge blocks skip the padding). The channel slices are the inner loop, so consecutive blocks
 // read consecutive cache lines of the same input pixels.
-template <int KW, int S>
-void FwdRow(const Geometry& g, const float* x, const float* w, float* y, int64_t n, int64_t i,
-            int64_t c_lo, int64_t c_hi, bool add) {
+template <int KW, int S, bool kAdd>
+void FwdRowT(const Geometry& g, const float* x, const float* w, float* y, int64_t n, int64_t i,
+             int64_t c_lo, int64_t c_hi) {
   for (int64_t j = 0; j < g.wo; j += kBlock) {
     if (Interior<KW, S>(g, j)) {
       for (int64_t c0 = c_lo; c0 < c_hi; c0 += 16)
-        FwdBlock<KW, S, false>(g, x, w, y, n, i, j, c0, kBlock, add);
+        FwdBlock<KW, S, false, kAdd>(g, x, w, y, n, i, j, c0, kBlock);
     } else {
       const int64_t valid = std::min<int64_t>(kBlock, g.wo - j);
       for (int64_t c0 = c_lo; c0 < c_hi; c0 += 16)
-        FwdBlock<KW, S, true>(g, x, w, y, n, i, j, c0, valid, add);
+        FwdBlock<KW, S, true, kAdd>(g, x, w, y, n, i, j, c0, valid);
     }
   }
+}
+
+// `add` is a template argument of the blocks, so the plain (K=1) conv compiles as before.
+template <int KW, int S>
+void FwdRow(const Geometry& g, const float* x, const float* w, float* y, int64_t n, int64_t i,
+            int64_t c_lo, int64_t c_hi, bool add) {
+  if (add) FwdRowT<KW, S, true>(g, x, w, y, n, i, c_lo, c_hi);
+  else FwdRowT<KW, S, false>(g, x, w, y, n, i, c_lo, c_hi);
 }
 
 // Channels per chunk for the blocked rows: the kh input rows an output row reads, over one
