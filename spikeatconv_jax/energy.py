@@ -75,7 +75,8 @@ def _trace(model_config: Any, image_size: int) -> dict[str, Any]:
         kind=mod.kind, merge=mod.mbpl_merge, branches=n_branch, neuron_t=mod.neuron_timesteps
       )
     elif isinstance(mod, nn.Dense | nn.Conv | DepthwiseConv):
-      x = args[0][0] if isinstance(args[0], list | tuple) else args[0]  # a branch-summed conv's
+      # A branch-summed DepthwiseConv takes its K inputs as a sequence (fan-in counts all K).
+      x = args[0][0] if isinstance(args[0], list | tuple) else args[0]
       if isinstance(mod, nn.Dense):
         fan_in, op = x.shape[-1], "linear"
       elif isinstance(mod, nn.Conv):

@@ -412,7 +412,7 @@ def depthwise_conv2d_sum(
   impl = impl or implementation((h, w), n)
   dtype = jnp.promote_types(jnp.result_type(*xs), kernel.dtype)
   if impl == "native":
-    return dwconv_native.depthwise_conv2d_native_sum(xs, kernel, strides).astype(dtype)
+    return dwconv_native.depthwise_conv2d_native_sum(xs, kernel, strides)
   x = jnp.stack([x.astype(dtype) for x in xs], axis=-1)  # [N, H, W, C, K]
   if impl == "matmul":
     ho, wo = -(-h // strides[0]), -(-w // strides[1])
