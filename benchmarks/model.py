@@ -212,7 +212,7 @@ def measure(args, settings: list[tuple[dict, dict]]) -> list[dict]:
   else:
     for (_, fns), got in zip(settings, samples, strict=True):
       for kind, fn in fns.items():
-        got[kind] = [_time(fn, 1) for _ in range(args.repeats)]
+        got[kind] = _time(fn, args.repeats, reduce=list)
   rows = []
   for (out, fns), got in zip(settings, samples, strict=True):
     if fns:
