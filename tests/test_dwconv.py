@@ -287,6 +287,40 @@ def test_branch_sum_equals_separate_convs(impl, h, w, c, k, s):
   np.testing.assert_allclose(got_dk, want_dk, atol=1e-4, rtol=1e-5, err_msg="dk")
 
 
+@pytest.mark.parametrize("h,w,c,s", [(8, 9, 5, 1), (9, 21, 40, 1), (9, 21, 40, 2)])
+@pytest.mark.parametrize("values", ["spikes", "signed"])
+def test_native_branch_sum_of_integer_inputs_reads_them_as_int8(h, w, c, s, values):
+  # MBPL's 0/1 spikes, and signed integers up to int8's range: the native kernels read (and the
+  # backward keeps) them as int8 and give the float32 result exactly (integers are exact either
+  # way, and the float path runs the same FMA order).
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  if values == "spikes":
+    xs = tuple((jax.random.uniform(key, (2, h, w, c)) < 0.3).astype(jnp.float32) for key in keys)
+  else:
+    xs = tuple(jax.random.randint(key, (2, h, w, c), -128, 128).astype(jnp.float32) for key in keys)
+  kern = jax.random.normal(jax.random.PRNGKey(1), (7, 7, 4, c))
+  g = jax.random.normal(jax.random.PRNGKey(2), (2, -(-h // s), -(-w // s), c))
+
+  def value_and_grads(integer_inputs):
+    f = lambda a, b: dwconv.depthwise_conv2d_sum(
+      a, b, (s, s), impl="native", integer_inputs=integer_inputs
+    )
+    y, vjp = jax.vjp(f, xs, kern)
+    return y, *vjp(g)
+
+  want = value_and_grads(False)
+  got = value_and_grads(True)
+  np.testing.assert_allclose(got[0], _branch_sum_reference(xs, kern, (s, s)), atol=1e-3, rtol=1e-5)
+  for name, a, b in zip(("y", "dxs", "dk"), jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(b, a, err_msg=name)
+  # The branches reach both custom calls (forward, kernel gradient) as int8 operands.
+  f = lambda a, b: dwconv.depthwise_conv2d_sum(a, b, (s, s), impl="native", integer_inputs=True)
+  hlo = jax.jit(lambda a, b: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, a, b))).lower(xs, kern)
+  calls = [ln for ln in hlo.as_text().splitlines() if "spikeatconv_dwconv_" in ln]
+  assert any("_fwd" in ln and "xi8>" in ln for ln in calls), calls
+  assert any("_bwd_kernel" in ln and "xi8>" in ln for ln in calls), calls
+
+
 def test_branch_sum_module_keeps_the_grouped_kernel():
   # MBPL's merge: K=4 branches of C=6 channels; the kernel is the grouped conv's
   # [7, 7, K*C, 1], indexed k*C + c.

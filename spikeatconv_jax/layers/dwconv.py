@@ -393,6 +393,7 @@ def depthwise_conv2d_sum(
   kernel: jax.Array,
   strides: Sequence[int] = (1, 1),
   impl: str | None = None,
+  integer_inputs: bool = False,
 ) -> jax.Array:
   """Σ_k depthwise_conv2d(xs[k], kernel[:, :, k, :]): K branches [N, H, W, C] -> [N, H', W', C].
 
@@ -403,6 +404,10 @@ def depthwise_conv2d_sum(
   K, or the Toeplitz product with the K branches inside its contraction (small maps on CPU).
   The XLA forms stack the branches on a minor axis (channel c*K + k), so lax's groups (K
   consecutive channels per output channel) are a free reshape, with no transpose.
+
+  integer_inputs: the branches are known to hold integers in [-128, 127] (MBPL's 0/1 spikes);
+  the native kernels then read and keep them as int8 (`depthwise_conv2d_native_sum`). The XLA
+  forms compute the same result either way.
   """
   _check_sum(xs, kernel)
   n, h, w, c = xs[0].shape
@@ -412,7 +417,9 @@ def depthwise_conv2d_sum(
   impl = impl or implementation((h, w), n)
   dtype = jnp.promote_types(jnp.result_type(*xs), kernel.dtype)
   if impl == "native":
-    return dwconv_native.depthwise_conv2d_native_sum(xs, kernel, strides)
+    return dwconv_native.depthwise_conv2d_native_sum(
+      xs, kernel, strides, integer_inputs=integer_inputs
+    )
   x = jnp.stack([x.astype(dtype) for x in xs], axis=-1)  # [N, H, W, C, K]
   if impl == "matmul":
     ho, wo = -(-h // strides[0]), -(-w // strides[1])
@@ -451,6 +458,8 @@ class DepthwiseConv(nn.Module):
   # convs: the grouped conv K*C -> C with groups=C (`depthwise_conv2d_sum`). The kernel has the
   # [kh, kw, K*C, 1] shape of that grouped conv, indexed k*C + c (branch-major).
   sum_branches: int = 1
+  # The branches hold integers in [-128, 127], e.g. spikes (`depthwise_conv2d_sum`).
+  integer_inputs: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -470,7 +479,9 @@ class DepthwiseConv(nn.Module):
       c = x[0].shape[-1]
       k = self.param("kernel", self.kernel_init, (ks, ks, nb * c, 1), self.param_dtype)
       kb = k.reshape(ks, ks, nb, c).astype(self.dtype)
-      y = depthwise_conv2d_sum([b.astype(self.dtype) for b in x], kb, strides)
+      y = depthwise_conv2d_sum(
+        [b.astype(self.dtype) for b in x], kb, strides, integer_inputs=self.integer_inputs
+      )
     if self.use_bias:
       b = self.param("bias", nn.initializers.zeros, (y.shape[-1],), self.param_dtype)
       y = y + b.astype(self.dtype)

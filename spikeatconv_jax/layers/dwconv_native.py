@@ -171,26 +171,33 @@ def _geometry(x_shape, kernel_hw, strides):
   return pads, (-(-x_shape[1] // strides[0]), -(-x_shape[2] // strides[1]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dwconv(xs, w, strides):
+def _operands(xs, integer_inputs):
+  """The branch operands the kernels read: float32, or int8 for integer-valued inputs."""
+  return tuple(x.astype(jnp.int8) for x in xs) if integer_inputs else xs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dwconv(xs, w, strides, integer_inputs):
   """Σ_k conv(xs[k], w[k]): xs a tuple of B f32 [N, H, W, C], w [B, kh, kw, C] f32 ->
-  [N, H', W', C] f32. The B branches stay separate operands of one custom call (no stack)."""
+  [N, H', W', C] f32. The B branches stay separate operands of one custom call (no stack).
+  integer_inputs: the kernels read (and the backward keeps) the branches as int8."""
   x = xs[0]
   pads, (ho, wo) = _geometry(x.shape, w.shape[1:3], strides)
-  (y,) = _call("fwd", (w, *xs), [(x.shape[0], ho, wo, x.shape[3])], strides, pads)
+  ops = _operands(xs, integer_inputs)
+  (y,) = _call("fwd", (w, *ops), [(x.shape[0], ho, wo, x.shape[3])], strides, pads)
   return y
 
 
-def _dwconv_fwd(xs, w, strides):
-  return _dwconv(xs, w, strides), (xs, w)
+def _dwconv_fwd(xs, w, strides, integer_inputs):
+  return _dwconv(xs, w, strides, integer_inputs), (_operands(xs, integer_inputs), w)
 
 
-def _dwconv_bwd(strides, res, g):
-  xs, w = res
-  pads, _ = _geometry(xs[0].shape, w.shape[1:3], strides)
+def _dwconv_bwd(strides, integer_inputs, res, g):
+  ops, w = res
+  pads, _ = _geometry(ops[0].shape, w.shape[1:3], strides)
   g = g.astype(jnp.float32)
-  dxs = _call("bwd_input", (w, g), [xs[0].shape] * len(xs), strides, pads)
-  (dw,) = _call("bwd_kernel", (g, *xs), [w.shape], strides, pads)
+  dxs = _call("bwd_input", (w, g), [ops[0].shape] * len(ops), strides, pads)
+  (dw,) = _call("bwd_kernel", (g, *ops), [w.shape], strides, pads)
   return tuple(dxs), dw
 
 
@@ -218,19 +225,28 @@ def depthwise_conv2d_native(
   xf = x.astype(jnp.float32)
   if m > 1:
     xf = jnp.repeat(xf, m, axis=3)
-  y = _dwconv((xf,), kernel.astype(jnp.float32).reshape(1, kh, kw, c * m), tuple(strides))
+  y = _dwconv((xf,), kernel.astype(jnp.float32).reshape(1, kh, kw, c * m), tuple(strides), False)
   return y.astype(dtype)
 
 
 def depthwise_conv2d_native_sum(
-  xs: Sequence[jax.Array], kernel: jax.Array, strides: Sequence[int] = (1, 1)
+  xs: Sequence[jax.Array],
+  kernel: jax.Array,
+  strides: Sequence[int] = (1, 1),
+  *,
+  integer_inputs: bool = False,
 ) -> jax.Array:
   """Σ_k depthwise conv of xs[k] [N, H, W, C] with kernel[:, :, k, :] ([kh, kw, K, C]) through
   the native kernels, each branch a separate operand: no [N, H, W, C, K] stack is written, the
   forward accumulates the K branches in one output, and the input gradient writes the K branch
-  gradients from one pass over the cotangent. Computes in float32, returns the promoted dtype."""
+  gradients from one pass over the cotangent. Computes in float32, returns the promoted dtype.
+
+  integer_inputs: the caller guarantees every branch holds integers in [-128, 127] (spikes: 0/1).
+  The kernels then read the branches as int8, and the backward keeps them as int8 residuals: a
+  quarter of the float32 memory traffic and residual memory, with the same result. Other values
+  would be truncated, so only pass it for spike-valued inputs."""
   _require()
   dtype = jnp.promote_types(jnp.result_type(*xs), kernel.dtype)
   w = jnp.moveaxis(kernel.astype(jnp.float32), 2, 0)  # [K, kh, kw, C]: tiny
-  y = _dwconv(tuple(x.astype(jnp.float32) for x in xs), w, tuple(strides))
+  y = _dwconv(tuple(x.astype(jnp.float32) for x in xs), w, tuple(strides), integer_inputs)
   return y.astype(dtype)

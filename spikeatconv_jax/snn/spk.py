@@ -193,6 +193,7 @@ class SPK(nn.Module):
       7,
       use_bias=False,
       sum_branches=len(spikes),
+      integer_inputs=True,  # LIF spikes are exactly 0/1
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="merge_dw",

@@ -23,6 +23,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -38,6 +42,26 @@ inline v16 load(const float* p) {
   return v;
 }
 inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Branch inputs (x) are float32, or int8 for integer-valued inputs such as spikes: a quarter of
+// the memory traffic, widened to float in registers. Weights, cotangents and outputs are float32.
+// (GCC scalarises __builtin_convertvector from int8, hence the intrinsics.)
+inline v16 load(const int8_t* p) {
+  v16 v;
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  std::memcpy(&v, &f, sizeof(v));
+#elif defined(__AVX2__)
+  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+  const __m256 hi =
+      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))));
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+#else
+  for (int i = 0; i < 16; ++i) v[i] = p[i];
+#endif
+  return v;
+}
 
 struct Geometry {
   int64_t n, h, w, c;    // input
@@ -96,8 +120,8 @@ inline void ChannelBlocks(int64_t c0, int64_t channels, Block&& block, Tail&& ta
 // ---------------------------------------------------------------------------------------------
 // Forward: one output pixel at a time, up to 64 channels (four registers) per pass over the taps.
 
-template <int V>
-inline void FwdPixel(const Geometry& g, const float* x, const float* w, float* y, int64_t n,
+template <int V, typename TX>
+inline void FwdPixel(const Geometry& g, const TX* x, const float* w, float* y, int64_t n,
                      int64_t i, int64_t j, int64_t c0, bool add) {
   float* yp = y + ((n * g.ho + i) * g.wo + j) * g.c + c0;
   v16 acc[V];
@@ -105,12 +129,12 @@ inline void FwdPixel(const Geometry& g, const float* x, const float* w, float* y
   for (int64_t a = 0; a < g.kh; ++a) {
     const int64_t hi = i * g.sh + a - g.pt;
     if (hi < 0 || hi >= g.h) continue;
-    const float* xrow = x + ((n * g.h + hi) * g.w) * g.c + c0;
+    const TX* xrow = x + ((n * g.h + hi) * g.w) * g.c + c0;
     const float* wrow = w + (a * g.kw) * g.c + c0;
     for (int64_t b = 0; b < g.kw; ++b) {
       const int64_t wi = j * g.sw + b - g.pl;
       if (wi < 0 || wi >= g.w) continue;
-      const float* xp = xrow + wi * g.c;
+      const TX* xp = xrow + wi * g.c;
       const float* wp = wrow + b * g.c;
       for (int v = 0; v < V; ++v) acc[v] += load(xp + 16 * v) * load(wp + 16 * v);
     }
@@ -118,7 +142,8 @@ inline void FwdPixel(const Geometry& g, const float* x, const float* w, float* y
   for (int v = 0; v < V; ++v) store(yp + 16 * v, acc[v]);
 }
 
-inline void FwdPixelScalar(const Geometry& g, const float* x, const float* w, float* y, int64_t n,
+template <typename TX>
+inline void FwdPixelScalar(const Geometry& g, const TX* x, const float* w, float* y, int64_t n,
                            int64_t i, int64_t j, int64_t c0, bool add) {
   float* yp = y + ((n * g.ho + i) * g.wo + j) * g.c;
   for (int64_t c = c0; c < g.c; ++c) {
@@ -149,8 +174,8 @@ inline bool Interior(const Geometry& g, int64_t j0) {
   return j0 + kBlock <= g.wo && j0 * S - g.pl >= 0 && (j0 + kBlock - 1) * S + KW - 1 - g.pl < g.w;
 }
 
-template <int KW, int S, bool kEdge, bool kAdd>
-inline void FwdBlock(const Geometry& g, const float* x, const float* w, float* y, int64_t n,
+template <int KW, int S, bool kEdge, bool kAdd, typename TX>
+inline void FwdBlock(const Geometry& g, const TX* x, const float* w, float* y, int64_t n,
                      int64_t i, int64_t j0, int64_t c0, int64_t valid) {
   constexpr int P = kBlock;
   const int64_t col0 = j0 * S - g.pl;
@@ -160,7 +185,7 @@ inline void FwdBlock(const Geometry& g, const float* x, const float* w, float* y
   for (int64_t a = 0; a < g.kh; ++a) {
     const int64_t hi = i * g.sh + a - g.pt;
     if (hi < 0 || hi >= g.h) continue;
-    const float* xrow = x + ((n * g.h + hi) * g.w + col0) * g.c + c0;
+    const TX* xrow = x + ((n * g.h + hi) * g.w + col0) * g.c + c0;
     const float* wrow = w + (a * KW) * g.c + c0;
     v16 wr[KW];
 #pragma GCC unroll 16
@@ -187,8 +212,8 @@ inline void FwdBlock(const Geometry& g, const float* x, const float* w, float* y
 // One output row, channels [c_lo, c_hi) in 16-channel slices, in blocks of kBlock outputs
 // (edge blocks skip the padding). The channel slices are the inner loop, so consecutive blocks
 // read consecutive cache lines of the same input pixels.
-template <int KW, int S, bool kAdd>
-void FwdRowT(const Geometry& g, const float* x, const float* w, float* y, int64_t n, int64_t i,
+template <int KW, int S, bool kAdd, typename TX>
+void FwdRowT(const Geometry& g, const TX* x, const float* w, float* y, int64_t n, int64_t i,
              int64_t c_lo, int64_t c_hi) {
   for (int64_t j = 0; j < g.wo; j += kBlock) {
     if (Interior<KW, S>(g, j)) {
@@ -203,8 +228,8 @@ void FwdRowT(const Geometry& g, const float* x, const float* w, float* y, int64_
 }
 
 // `add` is a template argument of the blocks, so the plain (K=1) conv compiles as before.
-template <int KW, int S>
-void FwdRow(const Geometry& g, const float* x, const float* w, float* y, int64_t n, int64_t i,
+template <int KW, int S, typename TX>
+void FwdRow(const Geometry& g, const TX* x, const float* w, float* y, int64_t n, int64_t i,
             int64_t c_lo, int64_t c_hi, bool add) {
   if (add) FwdRowT<KW, S, true>(g, x, w, y, n, i, c_lo, c_hi);
   else FwdRowT<KW, S, false>(g, x, w, y, n, i, c_lo, c_hi);
@@ -218,8 +243,9 @@ int64_t ChunkChannels(const Geometry& g, int64_t c_vec) {
 }
 
 // One conv of a branched call: y (+)= conv(x, w); `add` accumulates onto y.
+template <typename TX>
 struct Term {
-  const float* x;
+  const TX* x;
   const float* w;
   float* y;
   bool add;
@@ -230,7 +256,8 @@ struct Term {
 // sum accumulates in cache and the branches of one input reuse its rows from cache. Channels
 // past the last multiple of 16 (and every channel of kernels other than 7 wide at stride 1 or
 // 2) go pixel by pixel.
-void Forward(const Geometry& g, const std::vector<Term>& terms, ffi::ThreadPool& pool) {
+template <typename TX>
+void Forward(const Geometry& g, const std::vector<Term<TX>>& terms, ffi::ThreadPool& pool) {
   const bool blocked = g.kw == 7 && (g.sw == 1 || g.sw == 2);
   const int64_t c_vec = blocked ? g.c / 16 * 16 : 0;
   const int64_t chunk = c_vec > 0 ? ChunkChannels(g, c_vec) : 1;
@@ -240,7 +267,7 @@ void Forward(const Geometry& g, const std::vector<Term>& terms, ffi::ThreadPool&
     for (int64_t u = begin; u < end; ++u) {
       const int64_t k = u / rows, row = u % rows;
       const int64_t n = row / g.ho, i = row % g.ho;
-      for (const Term& t : terms) {
+      for (const Term<TX>& t : terms) {
         if (c_vec > 0) {
           const int64_t c_lo = k * chunk, c_hi = std::min(c_vec, c_lo + chunk);
           if (g.sw == 1) FwdRow<7, 1>(g, t.x, t.w, t.y, n, i, c_lo, c_hi, t.add);
@@ -316,7 +343,7 @@ void BackwardInput(const Geometry& g, const float* dy, const float* w,
     // A stride-1 transposed conv is a conv of dy with the flipped kernel and mirrored padding:
     // dx[p, q] = sum_{a, b} dy[p - (kh-1-pt) + a, q - (kw-1-pl) + b] * w[kh-1-a, kw-1-b].
     std::vector<float> flipped(static_cast<size_t>(nb * taps));
-    std::vector<Term> terms;
+    std::vector<Term<float>> terms;
     for (int64_t k = 0; k < nb; ++k) {
       float* fk = flipped.data() + k * taps;
       const float* wk = w + k * taps;
@@ -324,7 +351,7 @@ void BackwardInput(const Geometry& g, const float* dy, const float* w,
         for (int64_t b = 0; b < g.kw; ++b)
           std::memcpy(fk + (a * g.kw + b) * g.c, wk + ((g.kh - 1 - a) * g.kw + g.kw - 1 - b) * g.c,
                       sizeof(float) * g.c);
-      terms.push_back(Term{dy, fk, dx[k], false});
+      terms.push_back(Term<float>{dy, fk, dx[k], false});
     }
     const Geometry t{g.n, g.ho, g.wo, g.c, g.h, g.w, g.kh, g.kw, 1, 1, g.kh - 1 - g.pt,
                      g.kw - 1 - g.pl};
@@ -354,8 +381,8 @@ void BackwardInput(const Geometry& g, const float* dy, const float* w,
 // Each part sums its range of output rows into its own [kh, kw, C] buffer; for one output row
 // and one tap the 64-channel accumulators stay in registers along the row.
 
-template <int V>
-inline void BwdKernelRowTap(const Geometry& g, const float* x, const float* dy, float* dw,
+template <int V, typename TX>
+inline void BwdKernelRowTap(const Geometry& g, const TX* x, const float* dy, float* dw,
                             int64_t n, int64_t i, int64_t a, int64_t b, int64_t c0) {
   const int64_t hi = i * g.sh + a - g.pt;
   if (hi < 0 || hi >= g.h) return;
@@ -368,17 +395,18 @@ inline void BwdKernelRowTap(const Geometry& g, const float* x, const float* dy, 
   v16 acc[V];
   float* out = dw + (a * g.kw + b) * g.c + c0;
   for (int v = 0; v < V; ++v) acc[v] = load(out + 16 * v);
-  const float* xrow = x + ((n * g.h + hi) * g.w) * g.c + c0;
+  const TX* xrow = x + ((n * g.h + hi) * g.w) * g.c + c0;
   const float* dyrow = dy + ((n * g.ho + i) * g.wo) * g.c + c0;
   for (int64_t j = j_lo; j < j_hi; ++j) {
-    const float* xp = xrow + (j * g.sw + b - g.pl) * g.c;
+    const TX* xp = xrow + (j * g.sw + b - g.pl) * g.c;
     const float* dp = dyrow + j * g.c;
     for (int v = 0; v < V; ++v) acc[v] += load(xp + 16 * v) * load(dp + 16 * v);
   }
   for (int v = 0; v < V; ++v) store(out + 16 * v, acc[v]);
 }
 
-inline void BwdKernelRowTapScalar(const Geometry& g, const float* x, const float* dy, float* dw,
+template <typename TX>
+inline void BwdKernelRowTapScalar(const Geometry& g, const TX* x, const float* dy, float* dw,
                                   int64_t n, int64_t i, int64_t a, int64_t b, int64_t c0) {
   const int64_t hi = i * g.sh + a - g.pt;
   if (hi < 0 || hi >= g.h) return;
@@ -394,13 +422,13 @@ inline void BwdKernelRowTapScalar(const Geometry& g, const float* x, const float
 // Register-blocked kernel gradient for one output row, one kernel row `a` and 16 channels: the
 // KW tap sums stay in registers across the row; inside the row P outputs at a time load each
 // input column once for every tap that reads it.
-template <int KW, int S>
-void BwdKernelRow(const Geometry& g, const float* x, const float* dy, float* dw, int64_t n,
+template <int KW, int S, typename TX>
+void BwdKernelRow(const Geometry& g, const TX* x, const float* dy, float* dw, int64_t n,
                   int64_t i, int64_t a, int64_t c0) {
   constexpr int P = kBlock;
   const int64_t hi = i * g.sh + a - g.pt;
   if (hi < 0 || hi >= g.h) return;
-  const float* xrow = x + ((n * g.h + hi) * g.w) * g.c + c0;
+  const TX* xrow = x + ((n * g.h + hi) * g.w) * g.c + c0;
   const float* dyrow = dy + ((n * g.ho + i) * g.wo) * g.c + c0;
   float* out = dw + (a * KW) * g.c + c0;
   v16 acc[KW];
@@ -408,7 +436,7 @@ void BwdKernelRow(const Geometry& g, const float* x, const float* dy, float* dw,
   for (int b = 0; b < KW; ++b) acc[b] = load(out + b * g.c);
   for (int64_t j = 0; j < g.wo;) {
     if (Interior<KW, S>(g, j)) {
-      const float* xp = xrow + (j * S - g.pl) * g.c;
+      const TX* xp = xrow + (j * S - g.pl) * g.c;
       v16 d[P];
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) d[p] = load(dyrow + (j + p) * g.c);
@@ -438,7 +466,8 @@ void BwdKernelRow(const Geometry& g, const float* x, const float* dy, float* dw,
 
 // dw[k] = kernel gradient of conv(x[k], .) against dy, for each branch k (dw holds the B
 // kernel gradients back to back). Each part sums its range of output rows into its own buffer.
-void BackwardKernel(const Geometry& g, const std::vector<const float*>& xs, const float* dy,
+template <typename TX>
+void BackwardKernel(const Geometry& g, const std::vector<const TX*>& xs, const float* dy,
                     float* dw, ffi::ThreadPool& pool) {
   const int64_t taps = g.kh * g.kw * g.c;
   const int64_t nb = static_cast<int64_t>(xs.size());
@@ -449,7 +478,7 @@ void BackwardKernel(const Geometry& g, const std::vector<const float*>& xs, cons
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / g.ho, i = row % g.ho;
       for (int64_t k = 0; k < nb; ++k) {
-        const float* x = xs[k];
+        const TX* x = xs[k];
         float* acc = partial.data() + (part * nb + k) * taps;
         for (int64_t a = 0; a < g.kh; ++a) {
           int64_t c_blocked = 0;
@@ -480,6 +509,7 @@ void BackwardKernel(const Geometry& g, const std::vector<const float*>& xs, cons
 
 // ---------------------------------------------------------------------------------------------
 // FFI bindings. B >= 1 branches; shapes: x_k [N, H, W, C], w [B, kh, kw, C], y/dy [N, Ho, Wo, C].
+// x_k are all float32 or all int8; everything else is float32.
 //   fwd:        (w, x_1 .. x_B)  -> y                y = sum_k conv(x_k, w[k])
 //   bwd_input:  (w, dy)          -> dx_1 .. dx_B     dx_k = conv_transpose(dy, w[k])
 //   bwd_kernel: (dy, x_1 .. x_B) -> dw [B, kh, kw, C]
@@ -509,37 +539,65 @@ ffi::Error MakeGeometry(const std::vector<Dims>& xds, const Dims& wd, const Dims
   return ffi::Error::Success();
 }
 
-// Decodes the float32 buffers of `list` (remaining args or rets) from index 0 on.
-template <typename List, typename Ptr>
-ffi::Error Decode(const List& list, std::vector<Dims>* dims, std::vector<Ptr>* data) {
+// Decodes the float32 results `list` (the input gradients) from index 0 on.
+ffi::Error DecodeRets(const ffi::RemainingRets& list, std::vector<Dims>* dims,
+                      std::vector<float*>* data) {
   for (size_t k = 0; k < list.size(); ++k) {
-    auto buf = list.template get<ffi::Buffer<ffi::F32>>(k);
+    auto buf = list.get<ffi::Buffer<ffi::F32>>(k);
     if (buf.has_error()) return buf.error();
-    auto& b = buf.value();
-    if constexpr (std::is_same_v<Ptr, float*>) {
-      dims->push_back(b->dimensions());
-      data->push_back(b->typed_data());
-    } else {
-      dims->push_back(b.dimensions());
-      data->push_back(b.typed_data());
-    }
+    dims->push_back(buf.value()->dimensions());
+    data->push_back(buf.value()->typed_data());
   }
   return ffi::Error::Success();
+}
+
+// Decodes the branch inputs `list`: all float32, or all int8.
+ffi::Error DecodeInputs(const ffi::RemainingArgs& list, std::vector<Dims>* dims,
+                        std::vector<const void*>* data, ffi::DataType* dtype) {
+  for (size_t k = 0; k < list.size(); ++k) {
+    auto buf = list.get<ffi::AnyBuffer>(k);
+    if (buf.has_error()) return buf.error();
+    const ffi::DataType t = buf.value().element_type();
+    if (t != ffi::DataType::F32 && t != ffi::DataType::S8)
+      return ffi::Error::InvalidArgument("depthwise conv: branch inputs must be float32 or int8");
+    if (k > 0 && t != *dtype)
+      return ffi::Error::InvalidArgument("depthwise conv: branch input dtypes differ");
+    *dtype = t;
+    dims->push_back(buf.value().dimensions());
+    data->push_back(buf.value().untyped_data());
+  }
+  return ffi::Error::Success();
+}
+
+template <typename TX>
+std::vector<const TX*> Typed(const std::vector<const void*>& data) {
+  std::vector<const TX*> out;
+  for (const void* p : data) out.push_back(static_cast<const TX*>(p));
+  return out;
+}
+
+template <typename TX>
+void ForwardBranches(const Geometry& g, const std::vector<const TX*>& x, const float* w, float* y,
+                     ffi::ThreadPool& pool) {
+  const int64_t taps = g.kh * g.kw * g.c;
+  std::vector<Term<TX>> terms;
+  for (size_t k = 0; k < x.size(); ++k) terms.push_back(Term<TX>{x[k], w + k * taps, y, k > 0});
+  Forward(g, terms, pool);
 }
 
 ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::RemainingArgs xs,
                    ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   std::vector<Dims> xds;
-  std::vector<const float*> x;
+  std::vector<const void*> x;
+  ffi::DataType dtype = ffi::DataType::F32;
   Geometry g;
-  if (auto e = Decode(xs, &xds, &x); e.failure()) return e;
+  if (auto e = DecodeInputs(xs, &xds, &x, &dtype); e.failure()) return e;
   if (auto e = MakeGeometry(xds, w.dimensions(), y->dimensions(), sh, sw, pt, pl, &g); e.failure())
     return e;
-  const int64_t taps = g.kh * g.kw * g.c;
-  std::vector<Term> terms;
-  for (size_t k = 0; k < x.size(); ++k)
-    terms.push_back(Term{x[k], w.typed_data() + k * taps, y->typed_data(), k > 0});
-  Forward(g, terms, pool);
+  if (dtype == ffi::DataType::S8)
+    ForwardBranches(g, Typed<int8_t>(x), w.typed_data(), y->typed_data(), pool);
+  else
+    ForwardBranches(g, Typed<float>(x), w.typed_data(), y->typed_data(), pool);
   return ffi::Error::Success();
 }
 
@@ -548,7 +606,7 @@ ffi::Error BwdInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buff
   std::vector<Dims> xds;
   std::vector<float*> dx;
   Geometry g;
-  if (auto e = Decode(dxs, &xds, &dx); e.failure()) return e;
+  if (auto e = DecodeRets(dxs, &xds, &dx); e.failure()) return e;
   if (auto e = MakeGeometry(xds, w.dimensions(), dy.dimensions(), sh, sw, pt, pl, &g); e.failure())
     return e;
   BackwardInput(g, dy.typed_data(), w.typed_data(), dx, pool);
@@ -559,13 +617,17 @@ ffi::Error BwdKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Re
                          ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
                          int64_t pl) {
   std::vector<Dims> xds;
-  std::vector<const float*> x;
+  std::vector<const void*> x;
+  ffi::DataType dtype = ffi::DataType::F32;
   Geometry g;
-  if (auto e = Decode(xs, &xds, &x); e.failure()) return e;
+  if (auto e = DecodeInputs(xs, &xds, &x, &dtype); e.failure()) return e;
   if (auto e = MakeGeometry(xds, dw->dimensions(), dy.dimensions(), sh, sw, pt, pl, &g);
       e.failure())
     return e;
-  BackwardKernel(g, x, dy.typed_data(), dw->typed_data(), pool);
+  if (dtype == ffi::DataType::S8)
+    BackwardKernel(g, Typed<int8_t>(x), dy.typed_data(), dw->typed_data(), pool);
+  else
+    BackwardKernel(g, Typed<float>(x), dy.typed_data(), dw->typed_data(), pool);
   return ffi::Error::Success();
 }
 
