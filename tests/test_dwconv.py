@@ -288,14 +288,19 @@ def test_branch_sum_equals_separate_convs(impl, h, w, c, k, s):
 
 
 @pytest.mark.parametrize("h,w,c,s", [(8, 9, 5, 1), (9, 21, 40, 1), (9, 21, 40, 2)])
-@pytest.mark.parametrize("values", ["spikes", "signed"])
+@pytest.mark.parametrize("values", ["spikes", "sparse", "signed"])
 def test_native_branch_sum_of_integer_inputs_reads_them_as_int8(h, w, c, s, values):
   # MBPL's 0/1 spikes, and signed integers up to int8's range: the native kernels read (and the
   # backward keeps) them as int8 and give the float32 result exactly (integers are exact either
-  # way, and the float path runs the same FMA order).
+  # way, and the float path runs the same FMA order). "sparse": MBPL's upper thresholds at
+  # initialisation: rare spikes, and one silent branch.
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  if values == "spikes":
-    xs = tuple((jax.random.uniform(key, (2, h, w, c)) < 0.3).astype(jnp.float32) for key in keys)
+  if values in ("spikes", "sparse"):
+    rates = (0.3, 0.3, 0.3, 0.3) if values == "spikes" else (0.3, 0.02, 0.002, 0.0)
+    xs = tuple(
+      (jax.random.uniform(key, (2, h, w, c)) < r).astype(jnp.float32)
+      for key, r in zip(keys, rates)
+    )
   else:
     xs = tuple(jax.random.randint(key, (2, h, w, c), -128, 128).astype(jnp.float32) for key in keys)
   kern = jax.random.normal(jax.random.PRNGKey(1), (7, 7, 4, c))
