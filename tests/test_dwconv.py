@@ -316,7 +316,8 @@ def test_native_branch_sum_of_integer_inputs_reads_them_as_int8(h, w, c, s, valu
   want = value_and_grads(False)
   got = value_and_grads(True)
   np.testing.assert_allclose(got[0], _branch_sum_reference(xs, kern, (s, s)), atol=1e-3, rtol=1e-5)
-  for name, a, b in zip(("y", "dxs", "dk"), jax.tree.leaves(want), jax.tree.leaves(got)):
+  names = ("y", "dx0", "dx1", "dx2", "dx3", "dk")
+  for name, a, b in zip(names, jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
     np.testing.assert_array_equal(b, a, err_msg=name)
   # The branches reach both custom calls (forward, kernel gradient) as int8 operands.
   f = lambda a, b: dwconv.depthwise_conv2d_sum(a, b, (s, s), impl="native", integer_inputs=True)
