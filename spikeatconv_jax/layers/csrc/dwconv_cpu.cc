@@ -421,7 +421,8 @@ inline void BwdKernelRowTapScalar(const Geometry& g, const TX* x, const float* d
 
 // Register-blocked kernel gradient for one output row, one kernel row `a` and 16 channels: the
 // KW tap sums stay in registers across the row; inside the row P outputs at a time load each
-// input column once for every tap that reads it.
+// input column once for every tap that reads it. Edge blocks (some input columns in the zero
+// padding, or fewer than P outputs left) skip those columns and outputs.
 template <int KW, int S, typename TX>
 void BwdKernelRow(const Geometry& g, const TX* x, const float* dy, float* dw, int64_t n,
                   int64_t i, int64_t a, int64_t c0) {
@@ -434,31 +435,26 @@ void BwdKernelRow(const Geometry& g, const TX* x, const float* dy, float* dw, in
   v16 acc[KW];
 #pragma GCC unroll 16
   for (int b = 0; b < KW; ++b) acc[b] = load(out + b * g.c);
-  for (int64_t j = 0; j < g.wo;) {
-    if (Interior<KW, S>(g, j)) {
-      const TX* xp = xrow + (j * S - g.pl) * g.c;
-      v16 d[P];
+  auto block = [&](auto edge, int64_t j0, int64_t valid) {
+    constexpr bool kEdge = decltype(edge)::value;
+    const int64_t col0 = j0 * S - g.pl;
+    v16 d[P];
 #pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) d[p] = load(dyrow + (j + p) * g.c);
+    for (int p = 0; p < P; ++p) d[p] = !kEdge || p < valid ? load(dyrow + (j0 + p) * g.c) : v16{};
 #pragma GCC unroll 32
-      for (int q = 0; q < S * (P - 1) + KW; ++q) {
-        const v16 xq = load(xp + q * g.c);
+    for (int q = 0; q < S * (P - 1) + KW; ++q) {
+      if (kEdge && (col0 + q < 0 || col0 + q >= g.w)) continue;
+      const v16 xq = load(xrow + (col0 + q) * g.c);
 #pragma GCC unroll 16
-        for (int p = 0; p < P; ++p) {
-          const int b = q - S * p;
-          if (b >= 0 && b < KW) acc[b] += xq * d[p];
-        }
+      for (int p = 0; p < P; ++p) {
+        const int b = q - S * p;
+        if (b >= 0 && b < KW && (!kEdge || p < valid)) acc[b] += xq * d[p];
       }
-      j += P;
-    } else {
-      const v16 d = load(dyrow + j * g.c);
-#pragma GCC unroll 16
-      for (int b = 0; b < KW; ++b) {
-        const int64_t wi = j * S + b - g.pl;
-        if (wi >= 0 && wi < g.w) acc[b] += load(xrow + wi * g.c) * d;
-      }
-      ++j;
     }
+  };
+  for (int64_t j = 0; j < g.wo; j += P) {
+    if (Interior<KW, S>(g, j)) block(std::false_type{}, j, P);
+    else block(std::true_type{}, j, std::min<int64_t>(P, g.wo - j));
   }
 #pragma GCC unroll 16
   for (int b = 0; b < KW; ++b) store(out + b * g.c, acc[b]);
