@@ -298,8 +298,7 @@ def test_native_branch_sum_of_integer_inputs_reads_them_as_int8(h, w, c, s, valu
   if values in ("spikes", "sparse"):
     rates = (0.3, 0.3, 0.3, 0.3) if values == "spikes" else (0.3, 0.02, 0.002, 0.0)
     xs = tuple(
-      (jax.random.uniform(key, (2, h, w, c)) < r).astype(jnp.float32)
-      for key, r in zip(keys, rates)
+      (jax.random.uniform(key, (2, h, w, c)) < r).astype(jnp.float32) for key, r in zip(keys, rates)
     )
   else:
     xs = tuple(jax.random.randint(key, (2, h, w, c), -128, 128).astype(jnp.float32) for key in keys)
