@@ -572,6 +572,13 @@ std::vector<const TX*> Typed(const std::vector<const void*>& data) {
   return out;
 }
 
+// Calls fn with the branch pointers typed as their decoded dtype (int8 or float32).
+template <typename Fn>
+void WithTypedInputs(ffi::DataType dtype, const std::vector<const void*>& x, Fn&& fn) {
+  if (dtype == ffi::DataType::S8) fn(Typed<int8_t>(x));
+  else fn(Typed<float>(x));
+}
+
 template <typename TX>
 void ForwardBranches(const Geometry& g, const std::vector<const TX*>& x, const float* w, float* y,
                      ffi::ThreadPool& pool) {
@@ -590,10 +597,9 @@ ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Remaining
   if (auto e = DecodeInputs(xs, &xds, &x, &dtype); e.failure()) return e;
   if (auto e = MakeGeometry(xds, w.dimensions(), y->dimensions(), sh, sw, pt, pl, &g); e.failure())
     return e;
-  if (dtype == ffi::DataType::S8)
-    ForwardBranches(g, Typed<int8_t>(x), w.typed_data(), y->typed_data(), pool);
-  else
-    ForwardBranches(g, Typed<float>(x), w.typed_data(), y->typed_data(), pool);
+  WithTypedInputs(dtype, x, [&](const auto& xt) {
+    ForwardBranches(g, xt, w.typed_data(), y->typed_data(), pool);
+  });
   return ffi::Error::Success();
 }
 
@@ -620,10 +626,9 @@ ffi::Error BwdKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Re
   if (auto e = MakeGeometry(xds, dw->dimensions(), dy.dimensions(), sh, sw, pt, pl, &g);
       e.failure())
     return e;
-  if (dtype == ffi::DataType::S8)
-    BackwardKernel(g, Typed<int8_t>(x), dy.typed_data(), dw->typed_data(), pool);
-  else
-    BackwardKernel(g, Typed<float>(x), dy.typed_data(), dw->typed_data(), pool);
+  WithTypedInputs(dtype, x, [&](const auto& xt) {
+    BackwardKernel(g, xt, dy.typed_data(), dw->typed_data(), pool);
+  });
   return ffi::Error::Success();
 }
 
