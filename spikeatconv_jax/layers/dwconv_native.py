@@ -176,20 +176,25 @@ def _operands(xs, integer_inputs):
   return tuple(x.astype(jnp.int8) for x in xs) if integer_inputs else xs
 
 
+def _forward(ops, w, strides):
+  """The forward custom call on the branch operands `ops` (float32 or int8)."""
+  n, _, _, c = ops[0].shape
+  pads, (ho, wo) = _geometry(ops[0].shape, w.shape[1:3], strides)
+  (y,) = _call("fwd", (w, *ops), [(n, ho, wo, c)], strides, pads)
+  return y
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _dwconv(xs, w, strides, integer_inputs):
   """Σ_k conv(xs[k], w[k]): xs a tuple of B f32 [N, H, W, C], w [B, kh, kw, C] f32 ->
   [N, H', W', C] f32. The B branches stay separate operands of one custom call (no stack).
   integer_inputs: the kernels read (and the backward keeps) the branches as int8."""
-  x = xs[0]
-  pads, (ho, wo) = _geometry(x.shape, w.shape[1:3], strides)
-  ops = _operands(xs, integer_inputs)
-  (y,) = _call("fwd", (w, *ops), [(x.shape[0], ho, wo, x.shape[3])], strides, pads)
-  return y
+  return _forward(_operands(xs, integer_inputs), w, strides)
 
 
 def _dwconv_fwd(xs, w, strides, integer_inputs):
-  return _dwconv(xs, w, strides, integer_inputs), (_operands(xs, integer_inputs), w)
+  ops = _operands(xs, integer_inputs)  # cast once: the forward's operands are the residuals
+  return _forward(ops, w, strides), (ops, w)
 
 
 def _dwconv_bwd(strides, integer_inputs, res, g):
