@@ -73,3 +73,87 @@ def test_conv_matches_lax(shape, k, stride, padding):
 def test_conv_module_uses_it():
   m = common.conv(4, 3, strides=2, use_bias=False, dtype=jnp.float32, name="c")
   assert m.conv_general_dilated is common.conv_general_dilated
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_gelu_is_the_exact_gelu(dtype, tol):
+  x = jnp.concatenate([jnp.linspace(-12.0, 12.0, 4001), jnp.array([0.0, -1e-30, 1e30])])
+  x = x.astype(dtype)
+  ref = jax.nn.gelu(x, approximate=False)
+  y = common.gelu(x)
+  assert y.dtype == dtype
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref, np.float32), rtol=tol,
+                             atol=tol)  # fmt: skip
+  # Not the tanh approximation: at x = -3 they differ by ~4e-4.
+  assert (
+    abs(float(common.gelu(jnp.float32(-3.0))) - float(jax.nn.gelu(-3.0, approximate=True))) > 3e-4
+  )
+  # Gradient: Φ(x) + x·φ(x).
+  g = jax.vmap(jax.grad(lambda v: common.gelu(v).astype(jnp.float32)))(x[:4001])
+  g_ref = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False).astype(jnp.float32)))(
+    x[:4001]
+  )
+  np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=tol,
+                             atol=tol)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cotangent_barrier_is_the_identity(dtype):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 5)).astype(dtype)
+
+  def f(barrier):
+    return lambda x: jnp.sum(jnp.sin(barrier(x) * 3).astype(jnp.float32))
+
+  for wrap in (jax.jit, lambda f: f):
+    y0, g0 = wrap(jax.value_and_grad(f(lambda x: x)))(x)
+    y1, g1 = wrap(jax.value_and_grad(f(common.cotangent_barrier)))(x)
+    assert g1.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
+    np.testing.assert_array_equal(np.asarray(g1, np.float32), np.asarray(g0, np.float32))
+  g = jax.vmap(jax.grad(lambda v: jnp.sum(common.cotangent_barrier(v) ** 2)))(x.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(g), 2 * np.asarray(x, np.float32), rtol=1e-6)
+
+
+class _MBPLSite(nn.Module):
+  """fc -> BN -> MBPL SPK -> fc: the LIF's input gradient feeds the BN backward."""
+
+  @nn.compact
+  def __call__(self, x):
+    from spikeatconv_jax.snn.spk import SPK
+
+    y = common.dense(4 * x.shape[-1], use_bias=True, dtype=jnp.float32, name="fc1")(x)
+    y = common.batch_norm(train=True, dtype=jnp.float32, name="bn")(y)
+    y = SPK(kind="mbpl", thresholds=(0.25, 0.5, 1.0, 2.0), name="spk")(y)
+    return common.dense(x.shape[-1], use_bias=True, dtype=jnp.float32, name="fc2")(y)
+
+
+def test_cotangent_barrier_stores_the_lif_gradient_once(monkeypatch):
+  from spikeatconv_jax.layers import dwconv_native
+
+  if jax.default_backend() != "cpu" or not dwconv_native.available():
+    pytest.skip(f"needs the native CPU library: {dwconv_native.unavailable_reason()}")
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 16, 16, 16))
+  m = _MBPLSite()
+  v = m.init(jax.random.PRNGKey(1), x)
+
+  def grad_fn():
+    def loss(p, x):
+      y, _ = m.apply({**v, "params": p}, x, mutable=["batch_stats", "spikes"])
+      return jnp.sum(y**2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(v["params"], x).compile()
+
+  with_barrier = grad_fn()
+  monkeypatch.setattr(common, "cotangent_barrier", lambda x: x)
+  without = grad_fn()
+  assert "spikeatconv_dwconv_barrier" in with_barrier.as_text()
+  assert "spikeatconv_dwconv_barrier" not in without.as_text()
+  # Same gradients; fewer temporaries: the four surrogate derivatives are no longer stored.
+  for a, b in zip(
+    jax.tree_util.tree_leaves(with_barrier(v["params"], x)),
+    jax.tree_util.tree_leaves(without(v["params"], x)),
+    strict=True,
+  ):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  mem = lambda c: c.memory_analysis().temp_size_in_bytes
+  assert mem(with_barrier) < 0.9 * mem(without), (mem(with_barrier), mem(without))

@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spikeatconv_jax.snn import SURROGATES, lif_multistep, lif_multistep_reference
+from spikeatconv_jax.snn import (
+  SURROGATES,
+  lif_multistep,
+  lif_multistep_reference,
+  lif_multithreshold,
+)
 
 X_SPEC = jnp.array([2.5, 0.5, 3.0], jnp.float32)
 
@@ -100,6 +105,56 @@ def test_residuals_are_only_the_pre_spike_potentials():
   assert sum(r.size for r in jax.tree_util.tree_leaves(vjp_ref)) > x.size
 
 
+MBPL_THRESHOLDS = (0.25, 1.0, 2.0, 4.0)
+
+
+@pytest.mark.parametrize(
+  "v_reset,detach_reset,t", list(itertools.product([0.0, None], [True, False], [1, 3, 10]))
+)
+def test_multithreshold_is_k_separate_lifs(v_reset, detach_reset, t):
+  # K neurons on one input: the same spikes as K lif_multistep calls, and the input gradient
+  # of Σ_k <g_k, S_k> equal to the sum of the K separate gradients.
+  x, _ = _inputs(t, seed=3)
+  gs = [_inputs(t, seed=10 + k)[1] for k in range(len(MBPL_THRESHOLDS))]
+  kw = dict(v_reset=v_reset, detach_reset=detach_reset, tau=2.0)
+  ss = lif_multithreshold(x, v_thresholds=MBPL_THRESHOLDS, **kw)
+  assert len(ss) == len(MBPL_THRESHOLDS)
+  singles = [lif_multistep(x, v_threshold=th, **kw) for th in MBPL_THRESHOLDS]
+  for s, s1 in zip(ss, singles, strict=True):
+    assert s.dtype == x.dtype and s.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(s1))
+  # The thresholds give different spike trains (otherwise the sum check below is weak).
+  assert len({np.asarray(s).tobytes() for s in ss}) == len(MBPL_THRESHOLDS)
+
+  def loss_multi(x):
+    return sum(
+      jnp.sum(g * s)
+      for g, s in zip(gs, lif_multithreshold(x, v_thresholds=MBPL_THRESHOLDS, **kw), strict=True)
+    )
+
+  def loss_singles(x):
+    return sum(
+      jnp.sum(g * lif_multistep_reference(x, v_threshold=th, **kw)[0])
+      for g, th in zip(gs, MBPL_THRESHOLDS, strict=True)
+    )
+
+  gx = jax.jit(jax.grad(loss_multi))(x)
+  gx_ref = jax.jit(jax.grad(loss_singles))(x)
+  _assert_rel_close(np.asarray(gx), np.asarray(gx_ref))
+
+
+def test_multithreshold_keeps_one_potential_at_t1():
+  # At T=1 every neuron charges from V_0, so they share H: one residual, not K.
+  x, _ = _inputs(1, n=24)
+  _, vjp = jax.vjp(lambda x: lif_multithreshold(x, v_thresholds=MBPL_THRESHOLDS), x)
+  res = jax.tree_util.tree_leaves(vjp)
+  assert [(r.shape, r.dtype) for r in res] == [(x.shape, jnp.float32)]
+  # At T=2 the resets differ per neuron: one H each.
+  x, _ = _inputs(2, n=24)
+  _, vjp = jax.vjp(lambda x: lif_multithreshold(x, v_thresholds=MBPL_THRESHOLDS), x)
+  assert len(jax.tree_util.tree_leaves(vjp)) == len(MBPL_THRESHOLDS)
+
+
 def _lif_bf16_membrane(x):
   """A LIF whose membrane is bfloat16: what lif_multistep must NOT compute."""
   v = jnp.zeros(x.shape[1:], jnp.bfloat16)
@@ -144,3 +199,5 @@ def test_bad_arguments_raise():
     lif_multistep(jnp.float32(1.0))
   with pytest.raises(ValueError, match="unknown surrogate"):
     lif_multistep(X_SPEC, surrogate="nope")
+  with pytest.raises(ValueError, match="at least one threshold"):
+    lif_multithreshold(X_SPEC[:, None], v_thresholds=())

@@ -34,6 +34,10 @@ def _elementwise_lif(x, *, v_threshold=1.0, **_):
   return (h + jax.lax.stop_gradient(s - h)).astype(x.dtype)
 
 
+def _elementwise_lifs(x, *, v_thresholds, **_):
+  return tuple(_elementwise_lif(x, v_threshold=th) for th in v_thresholds)
+
+
 def _hlo(kind: str, t: int) -> str:
   cfg = model_config(variant="nano", spk=kind, num_classes=10, timesteps=t)
   cfg.attention.partition = 4
@@ -64,6 +68,6 @@ def _layout_ops(kind: str, t: int) -> tuple[int, int]:
 def test_lif_adds_no_transposes_or_copies(kind, monkeypatch):
   with dwconv.using("lax"):
     with_lif = _layout_ops(kind, 2)
-    monkeypatch.setattr(spk_module, "lif_multistep", _elementwise_lif)
+    monkeypatch.setattr(spk_module, "lif_multithreshold", _elementwise_lifs)
     without = _layout_ops(kind, 2)
   assert with_lif == without, f"(transposes, copies) with LIF {with_lif}, stand-in {without}"

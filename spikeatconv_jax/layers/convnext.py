@@ -58,7 +58,7 @@ class Stem(nn.Module):
     y = common.conv(c1, 3, strides=2, use_bias=False, dtype=dt, name="conv1")(x.astype(dt))
     if self.stem_act == "gelu":
       y = common.batch_norm(train=train, dtype=dt, name="bn1")(y)
-      y = nn.gelu(y, approximate=False)
+      y = common.gelu(y)
       y = common.conv(c0, 3, use_bias=False, dtype=dt, name="conv2")(y)
       y = common.batch_norm(train=train, dtype=dt, name="bn2", scale_init=init_scale)(y)
       y = bcast(y)  # [T, B, H/2, W/2, C0]

@@ -38,6 +38,7 @@ TARGETS = {
   "fwd": "SpikeAtConvDwconvFwd",
   "bwd_input": "SpikeAtConvDwconvBwdInput",
   "bwd_kernel": "SpikeAtConvDwconvBwdKernel",
+  "barrier": "SpikeAtConvFusionBarrier",
 }
 _FFI_NAME = "spikeatconv_dwconv_{}"
 _log = logging.getLogger(__name__)
@@ -163,6 +164,23 @@ def _call(kind: str, operands, out_shapes, strides, pads):
     pt=np.int64(pads[0][0]),
     pl=np.int64(pads[1][0]),
   )
+
+
+def fusion_barrier(x: jax.Array) -> jax.Array:
+  """The identity, as a custom call that XLA cannot fuse through (not differentiable).
+
+  Its result aliases its operand, so it copies nothing: it only makes XLA compute `x` once into
+  a buffer. XLA:CPU otherwise recomputes a cheap elementwise value inside every fusion that
+  reads it, e.g. a LIF's input gradient, summed over MBPL's four branches, inside each of the
+  three BatchNorm-backward fusions that consume it (see `common.cotangent_barrier`).
+  """
+  _require()
+  return jax.ffi.ffi_call(
+    _FFI_NAME.format("barrier"),
+    jax.ShapeDtypeStruct(x.shape, x.dtype),
+    input_output_aliases={0: 0},
+    vmap_method="broadcast_all",
+  )(x)
 
 
 def _geometry(x_shape, kernel_hw, strides):

@@ -3,7 +3,7 @@
 Knows nothing of models, data or training.
 """
 
-from spikeatconv_jax.snn.lif import lif_multistep, lif_multistep_reference
+from spikeatconv_jax.snn.lif import lif_multistep, lif_multistep_reference, lif_multithreshold
 from spikeatconv_jax.snn.spk import SPK, SPK_KINDS, collect_rates, make_spk
 from spikeatconv_jax.snn.surrogate import SURROGATES, get_surrogate, spike, surrogate_grad
 
@@ -15,6 +15,7 @@ __all__ = [
   "get_surrogate",
   "lif_multistep",
   "lif_multistep_reference",
+  "lif_multithreshold",
   "make_spk",
   "spike",
   "surrogate_grad",

@@ -29,10 +29,14 @@ MAX_UNROLL = 8
 
 
 class LIFParams(typing.NamedTuple):
-  """Static LIF settings (hashable, used as a non-differentiable argument)."""
+  """Static LIF settings (hashable, used as a non-differentiable argument).
+
+  `v_thresholds` holds one V_th per neuron sharing the input (one for a plain LIF; MBPL's K
+  branches are K neurons driven by the same current).
+  """
 
   tau: float
-  v_threshold: float
+  v_thresholds: tuple[float, ...]
   v_reset: float | None
   decay_input: bool
   detach_reset: bool
@@ -47,9 +51,9 @@ def _charge(v, x, p: LIFParams):
   return v - (v - vr) / p.tau + x
 
 
-def _reset(h, s, p: LIFParams):
+def _reset(h, s, th: float, p: LIFParams):
   if p.v_reset is None:
-    return h - s * p.v_threshold
+    return h - s * th
   return s * p.v_reset + (1.0 - s) * h
 
 
@@ -63,21 +67,28 @@ def _unroll(t: int) -> int:
 
 
 def _forward(x, p: LIFParams):
-  """Returns (spikes [T, ...] in x.dtype, pre-spike potentials H [T, ...] float32)."""
+  """Returns (K spike trains [T, ...] in x.dtype, residuals).
 
-  def step(v, xt):
-    h = _charge(v, xt, p)
-    s = heaviside(h - p.v_threshold)
-    return _reset(h, s, p), (s.astype(x.dtype), h)
+  The residuals are the pre-spike potentials H (float32): one [T, ...] array per neuron, or
+  at T=1 a single [1, ...] array, since every neuron starts from V_0 and so shares H_1.
+  """
+  ths = p.v_thresholds
+
+  def step(vs, xt):
+    hs = [_charge(v, xt, p) for v in vs]
+    ss = [heaviside(h - th) for h, th in zip(hs, ths, strict=True)]
+    vs = tuple(_reset(h, s, th, p) for h, s, th in zip(hs, ss, ths, strict=True))
+    return vs, (tuple(s.astype(x.dtype) for s in ss), tuple(hs))
 
   # Upcast the whole input once, before slicing it into steps: with per-step converts of
   # bf16 slices, XLA:CPU copies every slice x[t] into its own buffer first (an extra pass).
   xf = x.astype(jnp.float32)
+  v0 = tuple(_v0(x, p) for _ in ths)
   if x.shape[0] == 1:  # no scan at T=1 (DESIGN.md §2)
-    _, (s, h) = step(_v0(x, p), xf[0])
-    return s[None], h[None]
-  _, (s, h) = lax.scan(step, _v0(x, p), xf, unroll=_unroll(x.shape[0]))
-  return s, h
+    _, (ss, hs) = step(v0, xf[0])
+    return tuple(s[None] for s in ss), (hs[0][None],)
+  _, (ss, hs) = lax.scan(step, v0, xf, unroll=_unroll(x.shape[0]))
+  return ss, hs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -86,43 +97,55 @@ def _lif(x, p: LIFParams):
 
 
 def _lif_fwd(x, p: LIFParams):
-  s, h = _forward(x, p)
-  return s, h
+  return _forward(x, p)
 
 
-def _lif_bwd(p: LIFParams, h, g):
-  """Reverse scan. Carry: dL/dV_t. Per step (with u = H_t - V_th, σ' = surrogate'(u)):
+def _lif_bwd(p: LIFParams, hs, gs):
+  """Reverse scan. Carry: dL/dV_t of each neuron. Per step and neuron (u = H_t - V_th,
+  σ' = surrogate'(u)):
 
   dL/dH_t = g_t σ' + dL/dV_t · dV_t/dH_t, where
     hard: dV/dH = (1 - S) + [not detach] (V_reset - H) σ'
     soft: dV/dH = 1 - [not detach] V_th σ'
-  dL/dX_t = dL/dH_t · dH/dX (1/tau or 1);  dL/dV_{t-1} = dL/dH_t · (1 - 1/tau).
+  dL/dX_t = Σ_neurons dL/dH_t · dH/dX (1/tau or 1);  dL/dV_{t-1} = dL/dH_t · (1 - 1/tau).
+
+  The neurons' input gradients are summed in the same elementwise pass, so K neurons on one
+  input read H and their K cotangents once and write one gradient.
   """
   k = 1.0 - 1.0 / p.tau
   dh_dx = 1.0 / p.tau if p.decay_input else 1.0
+  ths = p.v_thresholds
+  dtype = gs[0].dtype
 
-  def step(gv, inputs):
-    ht, gt = inputs
-    u = ht - p.v_threshold
+  def neuron(gv, ht, gt, th):
+    u = ht - th
     sg = surrogate_grad(u, p.surrogate, p.alpha)
+    gh = gt * sg
+    if gv is None:  # the last step: nothing flows back from V_T
+      return gh
     if p.v_reset is None:
-      dv_dh = 1.0 if p.detach_reset else 1.0 - p.v_threshold * sg
+      dv_dh = 1.0 if p.detach_reset else 1.0 - th * sg
     else:
       dv_dh = 1.0 - heaviside(u)
       if not p.detach_reset:
         dv_dh = dv_dh + (p.v_reset - ht) * sg
-    gh = gt * sg + gv * dv_dh
-    return gh * k, (gh * dh_dx).astype(g.dtype)
+    return gh + gv * dv_dh
 
-  # As in the forward: upcast the cotangent once, not one slice per step.
-  gf = g.astype(jnp.float32)
-  h = lax.optimization_barrier(h)
-  if h.shape[0] == 1:
-    _, gx = step(jnp.zeros(h.shape[1:], jnp.float32), (h[0], gf[0]))
+  def step(gvs, inputs):
+    hts, gts = inputs
+    ghs = [neuron(gv, ht, gt, th) for gv, ht, gt, th in zip(gvs, hts, gts, ths, strict=True)]
+    gx = functools.reduce(jnp.add, ghs) * dh_dx
+    return tuple(gh * k for gh in ghs), gx.astype(dtype)
+
+  # As in the forward: upcast the cotangents once, not one slice per step.
+  gf = tuple(g.astype(jnp.float32) for g in gs)
+  hs = lax.optimization_barrier(hs)
+  if gf[0].shape[0] == 1:
+    h = hs[0][0]
+    _, gx = step((None,) * len(ths), ((h,) * len(ths), tuple(g[0] for g in gf)))
     return (gx[None],)
-  _, gx = lax.scan(
-    step, jnp.zeros(h.shape[1:], jnp.float32), (h, gf), reverse=True, unroll=_unroll(h.shape[0])
-  )
+  g0 = tuple(jnp.zeros(h.shape[1:], jnp.float32) for h in hs)
+  _, gx = lax.scan(step, g0, (hs, gf), reverse=True, unroll=_unroll(hs[0].shape[0]))
   return (gx,)
 
 
@@ -132,25 +155,36 @@ _lif.defvjp(_lif_fwd, _lif_bwd)
 def make_params(
   *,
   tau: float = 2.0,
-  v_threshold: float = 1.0,
+  v_threshold: float | typing.Sequence[float] = 1.0,
   v_reset: float | None = 0.0,
   decay_input: bool = True,
   detach_reset: bool = True,
   surrogate: str = "atan",
   alpha: float | None = None,
 ) -> LIFParams:
-  """Validates LIF settings and resolves the surrogate's default alpha."""
+  """Validates LIF settings and resolves the surrogate's default alpha. `v_threshold` is one
+  V_th or a sequence of them (one neuron each)."""
   if not tau > 1.0:
     raise ValueError(f"LIF tau must be > 1 (SpikingJelly asserts it), got {tau}")
+  ths = (v_threshold,) if isinstance(v_threshold, (int, float)) else tuple(v_threshold)
+  if not ths:
+    raise ValueError("LIF needs at least one threshold")
   return LIFParams(
     float(tau),
-    float(v_threshold),
+    tuple(float(t) for t in ths),
     None if v_reset is None else float(v_reset),
     bool(decay_input),
     bool(detach_reset),
     surrogate,
     resolve_alpha(surrogate, alpha),
   )
+
+
+_LIF_ARGS_DOC = """    tau: membrane time constant (> 1).
+    v_reset: reset potential for a hard reset, or None for a soft (subtractive) reset.
+    decay_input: whether the input is divided by tau when charging.
+    detach_reset: whether the reset is excluded from the gradient.
+    surrogate: registered surrogate name; alpha its sharpness (None: its default)."""
 
 
 def lif_multistep(
@@ -166,24 +200,60 @@ def lif_multistep(
 ) -> jax.Array:
   """Spikes of a multi-step LIF neuron for input currents `x` of shape [T, ...].
 
-  Args:
-    x: input currents, time-major [T, ...], any float dtype (bf16 works; the membrane is
-      float32 whatever the input dtype).
-    tau: membrane time constant (> 1).
-    v_threshold: firing threshold V_th.
-    v_reset: reset potential for a hard reset, or None for a soft (subtractive) reset.
-    decay_input: whether the input is divided by tau when charging.
-    detach_reset: whether the reset is excluded from the gradient.
-    surrogate: registered surrogate name; alpha its sharpness (None: its default).
+    Args:
+      x: input currents, time-major [T, ...], any float dtype (bf16 works; the membrane is
+        float32 whatever the input dtype).
+      v_threshold: firing threshold V_th.
+  {args}
 
-  Returns:
-    0/1 spikes, same shape and dtype as `x`.
+    Returns:
+      0/1 spikes, same shape and dtype as `x`.
   """
   if x.ndim < 1:
     raise ValueError("lif_multistep expects a [T, ...] input")
   p = make_params(
     tau=tau,
-    v_threshold=v_threshold,
+    v_threshold=float(v_threshold),
+    v_reset=v_reset,
+    decay_input=decay_input,
+    detach_reset=detach_reset,
+    surrogate=surrogate,
+    alpha=alpha,
+  )
+  return _lif(x, p)[0]
+
+
+def lif_multithreshold(
+  x: jax.Array,
+  *,
+  v_thresholds: typing.Sequence[float],
+  tau: float = 2.0,
+  v_reset: float | None = 0.0,
+  decay_input: bool = True,
+  detach_reset: bool = True,
+  surrogate: str = "atan",
+  alpha: float | None = None,
+) -> tuple[jax.Array, ...]:
+  """K LIF neurons driven by the same currents `x` [T, ...], one per threshold (MBPL's
+    branches, DESIGN.md §3): the same spikes and gradients as K `lif_multistep` calls.
+
+    One custom VJP serves all K: at T=1 it keeps one H for all of them, and its backward reads
+    H and the K cotangents in one pass and writes one summed input gradient, where K separate
+    LIFs would write K gradients and add them.
+
+    Args:
+      x: input currents, time-major [T, ...], any float dtype.
+      v_thresholds: one V_th per neuron.
+  {args}
+
+    Returns:
+      K spike trains, each the shape and dtype of `x`.
+  """
+  if x.ndim < 1:
+    raise ValueError("lif_multithreshold expects a [T, ...] input")
+  p = make_params(
+    tau=tau,
+    v_threshold=tuple(v_thresholds),
     v_reset=v_reset,
     decay_input=decay_input,
     detach_reset=detach_reset,
@@ -193,15 +263,20 @@ def lif_multistep(
   return _lif(x, p)
 
 
+lif_multistep.__doc__ = lif_multistep.__doc__.format(args=_LIF_ARGS_DOC)
+lif_multithreshold.__doc__ = lif_multithreshold.__doc__.format(args=_LIF_ARGS_DOC)
+
+
 def lif_multistep_reference(x: jax.Array, **kwargs) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Plain autodiff-through-scan LIF. Returns (S, H, V) per step; for tests and debugging."""
   p = make_params(**kwargs)
 
   def step(v, xt):
     h = _charge(v, xt.astype(jnp.float32), p)
-    s = spike(h - p.v_threshold, p.surrogate, p.alpha)
+    (th,) = p.v_thresholds
+    s = spike(h - th, p.surrogate, p.alpha)
     s_reset = lax.stop_gradient(s) if p.detach_reset else s
-    v_new = _reset(h, s_reset, p)
+    v_new = _reset(h, s_reset, th, p)
     return v_new, (s.astype(x.dtype), h, v_new)
 
   _, (s, h, v) = lax.scan(step, _v0(x, p), x)

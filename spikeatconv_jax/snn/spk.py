@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from spikeatconv_jax.layers import common
 from spikeatconv_jax.layers.dwconv import DepthwiseConv
-from spikeatconv_jax.snn.lif import lif_multistep
+from spikeatconv_jax.snn.lif import lif_multithreshold
 
 Dtype = Any
 
@@ -99,19 +99,25 @@ class SPK(nn.Module):
     return tuple(float(t) * self.threshold_scale for t in th)
 
   def _lif(self, x, v_threshold):
+    return self._lifs(x, (v_threshold,))[0]
+
+  def _lifs(self, x, v_thresholds):
+    """One LIF neuron per threshold, all driven by x: a tuple of spike trains."""
     n = int(self.neuron_timesteps)
     if n > 1:
       if x.shape[0] != 1:
         raise ValueError(f"time_mode='neuron' runs the network at T=1; this SPK got T={x.shape[0]}")
-      s = self._lif_steps(jnp.broadcast_to(x, (n,) + x.shape[1:]), v_threshold)
-      return jnp.mean(s.astype(jnp.float32), axis=0, keepdims=True).astype(x.dtype)
-    return self._lif_steps(x, v_threshold)
+      ss = self._lif_steps(jnp.broadcast_to(x, (n,) + x.shape[1:]), v_thresholds)
+      return tuple(
+        jnp.mean(s.astype(jnp.float32), axis=0, keepdims=True).astype(x.dtype) for s in ss
+      )
+    return self._lif_steps(x, v_thresholds)
 
-  def _lif_steps(self, x, v_threshold):
-    return lif_multistep(
-      x,
+  def _lif_steps(self, x, v_thresholds):
+    return lif_multithreshold(
+      common.cotangent_barrier(x),  # the LIF's input gradient: computed once (on CPU)
+      v_thresholds=v_thresholds,
       tau=self.tau,
-      v_threshold=v_threshold,
       v_reset=self.v_reset,
       decay_input=self.decay_input,
       detach_reset=self.detach_reset,
@@ -132,7 +138,7 @@ class SPK(nn.Module):
     if self.kind == "none":
       if self.none_act not in NONE_ACTS:
         raise ValueError(f"unknown none_act {self.none_act!r}; known: {', '.join(NONE_ACTS)}")
-      return nn.gelu(x, approximate=False) if self.none_act == "gelu" else x
+      return common.gelu(x) if self.none_act == "gelu" else x
     th = self._thresholds()
     dtype = x.dtype
 
@@ -177,9 +183,10 @@ class SPK(nn.Module):
     # mbpl
     if self.mbpl_merge not in MBPL_MERGES:
       raise ValueError(f"unknown mbpl_merge {self.mbpl_merge!r}; known: {', '.join(MBPL_MERGES)}")
-    # One LIF per branch: on XLA:CPU this is ~50x faster fwd+bwd than one LIF over a
-    # [..., C, K] broadcast with per-branch thresholds (measured at [1, 128, 7, 7, 128]).
-    spikes = [self._lif(x, v) for v in th]
+    # K neurons on one input, one custom VJP (lif_multithreshold): the backward sums the K
+    # input gradients in its single elementwise pass. (One LIF over a [..., C, K] broadcast
+    # with per-branch thresholds ran ~50x slower on XLA:CPU at [1, 128, 7, 7, 128].)
+    spikes = list(self._lifs(x, th))
     self._sow_rates(spikes)
     count = sum(spikes[1:], spikes[0])
     if self.mbpl_merge == "sum":
@@ -202,7 +209,7 @@ class SPK(nn.Module):
     if self.mbpl_merge == "convnext":
       z = common.layer_norm(dtype=self.dtype, name="merge_ln0")(z)
       z = common.dense(4 * c, use_bias=True, dtype=self.dtype, name="merge_fc1")(z)
-      z = nn.gelu(z, approximate=False)
+      z = common.gelu(z)
       z = common.dense(c, use_bias=True, dtype=self.dtype, name="merge_fc2")(z)
     else:
       z = common.layer_norm(dtype=self.dtype, name="merge_ln")(z)

@@ -632,6 +632,17 @@ ffi::Error BwdKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Re
   return ffi::Error::Success();
 }
 
+// The identity as a custom call, its result aliased to its operand (so normally nothing is
+// copied). XLA cannot fuse through a custom call: the operand is computed once into a buffer
+// instead of being recomputed inside every fusion that reads it (fusion_barrier in Python).
+ffi::Error BarrierImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (x.element_count() != y->element_count() || x.element_type() != y->element_type())
+    return ffi::Error::InvalidArgument("fusion barrier: result differs from operand");
+  if (x.untyped_data() != y->untyped_data())
+    std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define SPIKEATCONV_ATTRS(binding) \
@@ -655,3 +666,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeAtConvDwconvBwdKernel, BwdKernelImpl,
                                                     .Arg<ffi::Buffer<ffi::F32>>()
                                                     .RemainingArgs()
                                                     .Ret<ffi::Buffer<ffi::F32>>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SpikeAtConvFusionBarrier, BarrierImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
