@@ -180,13 +180,6 @@ def make_params(
   )
 
 
-_LIF_ARGS_DOC = """    tau: membrane time constant (> 1).
-    v_reset: reset potential for a hard reset, or None for a soft (subtractive) reset.
-    decay_input: whether the input is divided by tau when charging.
-    detach_reset: whether the reset is excluded from the gradient.
-    surrogate: registered surrogate name; alpha its sharpness (None: its default)."""
-
-
 def lif_multistep(
   x: jax.Array,
   *,
@@ -200,14 +193,18 @@ def lif_multistep(
 ) -> jax.Array:
   """Spikes of a multi-step LIF neuron for input currents `x` of shape [T, ...].
 
-    Args:
-      x: input currents, time-major [T, ...], any float dtype (bf16 works; the membrane is
-        float32 whatever the input dtype).
-      v_threshold: firing threshold V_th.
-  {args}
+  Args:
+    x: input currents, time-major [T, ...], any float dtype (bf16 works; the membrane is
+      float32 whatever the input dtype).
+    v_threshold: firing threshold V_th.
+    tau: membrane time constant (> 1).
+    v_reset: reset potential for a hard reset, or None for a soft (subtractive) reset.
+    decay_input: whether the input is divided by tau when charging.
+    detach_reset: whether the reset is excluded from the gradient.
+    surrogate: registered surrogate name; alpha its sharpness (None: its default).
 
-    Returns:
-      0/1 spikes, same shape and dtype as `x`.
+  Returns:
+    0/1 spikes, same shape and dtype as `x`.
   """
   if x.ndim < 1:
     raise ValueError("lif_multistep expects a [T, ...] input")
@@ -235,19 +232,23 @@ def lif_multithreshold(
   alpha: float | None = None,
 ) -> tuple[jax.Array, ...]:
   """K LIF neurons driven by the same currents `x` [T, ...], one per threshold (MBPL's
-    branches, DESIGN.md §3): the same spikes and gradients as K `lif_multistep` calls.
+  branches, DESIGN.md §3): the same spikes and gradients as K `lif_multistep` calls.
 
-    One custom VJP serves all K: at T=1 it keeps one H for all of them, and its backward reads
-    H and the K cotangents in one pass and writes one summed input gradient, where K separate
-    LIFs would write K gradients and add them.
+  One custom VJP serves all K: at T=1 it keeps one H for all of them, and its backward sums
+  the K input gradients in the same elementwise pass. (XLA:CPU fuses K separate LIFs the same
+  way; this states it in the graph instead of relying on XLA's CSE.)
 
-    Args:
-      x: input currents, time-major [T, ...], any float dtype.
-      v_thresholds: one V_th per neuron.
-  {args}
+  Args:
+    x: input currents, time-major [T, ...], any float dtype.
+    v_thresholds: one V_th per neuron.
+    tau: membrane time constant (> 1).
+    v_reset: reset potential for a hard reset, or None for a soft (subtractive) reset.
+    decay_input: whether the input is divided by tau when charging.
+    detach_reset: whether the reset is excluded from the gradient.
+    surrogate: registered surrogate name; alpha its sharpness (None: its default).
 
-    Returns:
-      K spike trains, each the shape and dtype of `x`.
+  Returns:
+    K spike trains, each the shape and dtype of `x`.
   """
   if x.ndim < 1:
     raise ValueError("lif_multithreshold expects a [T, ...] input")
@@ -261,10 +262,6 @@ def lif_multithreshold(
     alpha=alpha,
   )
   return _lif(x, p)
-
-
-lif_multistep.__doc__ = lif_multistep.__doc__.format(args=_LIF_ARGS_DOC)
-lif_multithreshold.__doc__ = lif_multithreshold.__doc__.format(args=_LIF_ARGS_DOC)
 
 
 def lif_multistep_reference(x: jax.Array, **kwargs) -> tuple[jax.Array, jax.Array, jax.Array]:
