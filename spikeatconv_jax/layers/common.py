@@ -1,5 +1,6 @@
-"""Shared model pieces: time folding, DropPath, LayerScale, norm and init defaults, and the
-dense/conv products nn.Dense and nn.Conv use (with faster gradient forms on CPU).
+"""Shared model pieces: time folding, DropPath, LayerScale, norm and init defaults, exact GELU,
+the dense/conv products nn.Dense and nn.Conv use (with faster gradient forms on CPU), and a
+cotangent barrier for XLA:CPU.
 
 Layout conventions (DESIGN.md §1): activations are [T, B, H, W, C] (or [T, B, N, C]);
 stateless ops run on the merged T·B axis, only the LIF scans over T.
@@ -61,7 +62,8 @@ def cotangent_barrier(x: jax.Array) -> jax.Array:
   had stored the surrogate derivatives. With the cotangent held by a native no-op custom call
   (`dwconv_native.fusion_barrier`) it is one fusion and one buffer (tiny spiking T=1 train
   step: 6,293 -> 4,518 MB of compiled temporaries; docs/RESULTS.md). On other backends, or
-  without the native library, the backward is the identity too.
+  without the native library, the backward is the identity too. On CPU the backward is not
+  itself differentiable (no second-order gradients through it).
   """
   return x
 

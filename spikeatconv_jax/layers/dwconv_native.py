@@ -4,6 +4,7 @@ XLA:CPU lowers grouped convolutions to a generic loop that runs at under 1 GFLOP
 in `csrc/dwconv_cpu.cc` (forward, input gradient, kernel gradient; float32, NHWC) vectorise over
 the contiguous channel axis and use XLA's intra-op thread pool. `depthwise_conv2d_native` wraps
 them in a `custom_vjp`; `dwconv.py` dispatches to it on CPU when the library is available.
+The same library holds `fusion_barrier`, a no-op custom call (see `common.cotangent_barrier`).
 
 The shared library is compiled once per source, jaxlib version and CPU (`g++ -O3
 -march=native`) into `$SPIKEATCONV_CACHE_DIR` (default `~/.cache/spikeatconv_jax`, or a per-user
