@@ -206,18 +206,17 @@ def lif_multistep(
   Returns:
     0/1 spikes, same shape and dtype as `x`.
   """
-  if x.ndim < 1:
-    raise ValueError("lif_multistep expects a [T, ...] input")
-  p = make_params(
+  (s,) = lif_multithreshold(
+    x,
+    v_thresholds=(float(v_threshold),),
     tau=tau,
-    v_threshold=float(v_threshold),
     v_reset=v_reset,
     decay_input=decay_input,
     detach_reset=detach_reset,
     surrogate=surrogate,
     alpha=alpha,
   )
-  return _lif(x, p)[0]
+  return s
 
 
 def lif_multithreshold(
@@ -241,17 +240,13 @@ def lif_multithreshold(
   Args:
     x: input currents, time-major [T, ...], any float dtype.
     v_thresholds: one V_th per neuron.
-    tau: membrane time constant (> 1).
-    v_reset: reset potential for a hard reset, or None for a soft (subtractive) reset.
-    decay_input: whether the input is divided by tau when charging.
-    detach_reset: whether the reset is excluded from the gradient.
-    surrogate: registered surrogate name; alpha its sharpness (None: its default).
+    tau, v_reset, decay_input, detach_reset, surrogate, alpha: as in `lif_multistep`.
 
   Returns:
     K spike trains, each the shape and dtype of `x`.
   """
   if x.ndim < 1:
-    raise ValueError("lif_multithreshold expects a [T, ...] input")
+    raise ValueError(f"a LIF expects a [T, ...] input, got shape {x.shape}")
   p = make_params(
     tau=tau,
     v_threshold=tuple(v_thresholds),
