@@ -13,6 +13,7 @@ from spikeatconv_jax.snn import (
   lif_multistep_reference,
   lif_multithreshold,
 )
+from spikeatconv_jax.snn import lif as lif_mod
 
 X_SPEC = jnp.array([2.5, 0.5, 3.0], jnp.float32)
 
@@ -91,15 +92,22 @@ def test_rolled_scan_beyond_unroll_limit():
   _assert_rel_close(gx, gx_ref)
 
 
-def test_residuals_are_only_the_pre_spike_potentials():
-  x, _ = _inputs(4, n=24)
+@pytest.mark.parametrize("t", [4, 11])
+def test_residuals_are_only_the_pre_spike_potentials(t):
+  # Up to MAX_UNROLL steps the residuals are H per step ([...] each), beyond it the rolled
+  # scan's stacked H ([T, ...]): either way exactly H, nothing else.
+  x, _ = _inputs(t, n=24)
   _, vjp = jax.vjp(lambda x: lif_multistep(x, detach_reset=False), x)
   res = jax.tree_util.tree_leaves(vjp)
-  # Exactly one array of x's shape: H. Saving V or S as well would add leaves.
-  assert len(res) == 1, [(r.shape, r.dtype) for r in res]
-  assert res[0].shape == x.shape and res[0].dtype == jnp.float32
   _, h_ref, _ = lif_multistep_reference(x, detach_reset=False)
-  np.testing.assert_array_equal(np.asarray(res[0]), np.asarray(h_ref))
+  assert all(r.dtype == jnp.float32 for r in res)
+  if t <= lif_mod.MAX_UNROLL:
+    assert [r.shape for r in res] == [x.shape[1:]] * t
+    h = jnp.stack(res)
+  else:
+    assert [r.shape for r in res] == [x.shape]
+    h = res[0]
+  np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
   # Sanity check of the method: plain autodiff through the scan does keep more.
   _, vjp_ref = jax.vjp(lambda x: lif_multistep_reference(x, detach_reset=False)[0], x)
   assert sum(r.size for r in jax.tree_util.tree_leaves(vjp_ref)) > x.size
@@ -143,16 +151,15 @@ def test_multithreshold_is_k_separate_lifs(v_reset, detach_reset, t):
   _assert_rel_close(np.asarray(gx), np.asarray(gx_ref))
 
 
-def test_multithreshold_keeps_one_potential_at_t1():
-  # At T=1 every neuron charges from V_0, so they share H: one residual, not K.
-  x, _ = _inputs(1, n=24)
+@pytest.mark.parametrize("t", [1, 3])
+def test_multithreshold_shares_the_first_potential(t):
+  # Every neuron charges from V_0, so they share H_1: one residual for step 1, not K. From
+  # step 2 the resets differ per neuron: one H each.
+  x, _ = _inputs(t, n=24)
   _, vjp = jax.vjp(lambda x: lif_multithreshold(x, v_thresholds=MBPL_THRESHOLDS), x)
   res = jax.tree_util.tree_leaves(vjp)
-  assert [(r.shape, r.dtype) for r in res] == [(x.shape, jnp.float32)]
-  # At T=2 the resets differ per neuron: one H each.
-  x, _ = _inputs(2, n=24)
-  _, vjp = jax.vjp(lambda x: lif_multithreshold(x, v_thresholds=MBPL_THRESHOLDS), x)
-  assert len(jax.tree_util.tree_leaves(vjp)) == len(MBPL_THRESHOLDS)
+  assert len(res) == 1 + (t - 1) * len(MBPL_THRESHOLDS)
+  assert all((r.shape, r.dtype) == (x.shape[1:], jnp.float32) for r in res)
 
 
 def _lif_bf16_membrane(x):

@@ -10,6 +10,7 @@
 pre-spike potentials H (float32, [T, ...]) as residuals; the backward is a reverse scan
 that rebuilds every local derivative from H. Autodiff through a plain scan would also keep
 V and S for every step. `lif_multistep_reference` is that plain scan, kept for tests.
+Up to MAX_UNROLL steps both scans are traced step by step, with per-step residuals (below).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from jax import lax
 
 from spikeatconv_jax.snn.surrogate import heaviside, resolve_alpha, spike, surrogate_grad
 
-# Scans over at most this many steps are fully unrolled: on XLA:CPU a rolled scan over a
-# small T runs 2-8x slower than the unrolled one, and T <= 8 covers every paper setting.
+# Up to this many steps the scan is traced step by step (fully unrolled): on XLA:CPU a rolled
+# scan over a small T runs 2-8x slower than the unrolled one, and T <= 8 covers every paper
+# setting. Longer inputs take a rolled lax.scan.
 MAX_UNROLL = 8
 
 
@@ -62,15 +64,12 @@ def _v0(x, p: LIFParams):
   return jnp.full(x.shape[1:], vr, jnp.float32)
 
 
-def _unroll(t: int) -> int:
-  return t if t <= MAX_UNROLL else 1
-
-
 def _forward(x, p: LIFParams):
-  """Returns (K spike trains [T, ...] in x.dtype, residuals).
+  """Returns (K spike trains [T, ...] in x.dtype, residuals H).
 
-  The residuals are the pre-spike potentials H (float32): one [T, ...] array per neuron, or
-  at T=1 a single [1, ...] array, since every neuron starts from V_0 and so shares H_1.
+  The residuals are the pre-spike potentials H (float32). Up to MAX_UNROLL steps they are kept
+  per step, a tuple over t of per-neuron tuples, with one H at t=0: every neuron starts from
+  V_0 and so shares H_1. Beyond it they are the rolled scan's stacked [T, ...] array per neuron.
   """
   ths = p.v_thresholds
 
@@ -84,11 +83,21 @@ def _forward(x, p: LIFParams):
   # bf16 slices, XLA:CPU copies every slice x[t] into its own buffer first (an extra pass).
   xf = x.astype(jnp.float32)
   v0 = tuple(_v0(x, p) for _ in ths)
-  if x.shape[0] == 1:  # no scan at T=1 (DESIGN.md §2)
-    _, (ss, hs) = step(v0, xf[0])
-    return tuple(s[None] for s in ss), (hs[0][None],)
-  _, (ss, hs) = lax.scan(step, v0, xf, unroll=_unroll(x.shape[0]))
-  return ss, hs
+  t_steps = x.shape[0]
+  if t_steps > MAX_UNROLL:
+    _, (ss, hs) = lax.scan(step, v0, xf)
+    return ss, hs
+  # Small T: the scan's steps traced one by one. The scan's stacked [T, ...] potentials would be
+  # concatenated in the forward and sliced again in the backward, and XLA:CPU materialises every
+  # concatenation (one f32 [T, ...] array per neuron: 13.0 vs 9.5 GB compiled temporaries for
+  # the tiny spiking train step at T=2). Per-step values fuse into their consumers instead.
+  vs, ss, hs = v0, [], []
+  for t in range(t_steps):
+    vs, (s_t, h_t) = step(vs, xf[t])
+    ss.append(s_t)
+    hs.append(h_t[:1] if t == 0 else h_t)
+  spikes = tuple(jnp.stack(s_k) for s_k in zip(*ss, strict=True))
+  return spikes, tuple(hs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -140,13 +149,18 @@ def _lif_bwd(p: LIFParams, hs, gs):
   # As in the forward: upcast the cotangents once, not one slice per step.
   gf = tuple(g.astype(jnp.float32) for g in gs)
   hs = lax.optimization_barrier(hs)
-  if gf[0].shape[0] == 1:
-    h = hs[0][0]
-    _, gx = step((None,) * len(ths), ((h,) * len(ths), tuple(g[0] for g in gf)))
-    return (gx[None],)
-  g0 = tuple(jnp.zeros(h.shape[1:], jnp.float32) for h in hs)
-  _, gx = lax.scan(step, g0, (hs, gf), reverse=True, unroll=_unroll(hs[0].shape[0]))
-  return (gx,)
+  t_steps = gf[0].shape[0]
+  if t_steps > MAX_UNROLL:
+    g0 = tuple(jnp.zeros(h.shape[1:], jnp.float32) for h in hs)
+    _, gx = lax.scan(step, g0, (hs, gf), reverse=True)
+    return (gx,)
+  # Small T: per-step residuals (see _forward), the reverse steps traced one by one; the
+  # last step starts with no dL/dV (nothing flows back from V_T).
+  gvs, gx = (None,) * len(ths), [None] * t_steps
+  for t in reversed(range(t_steps)):
+    hts = hs[t] * len(ths) if t == 0 else hs[t]  # step 0: one H shared by every neuron
+    gvs, gx[t] = step(gvs, (hts, tuple(g[t] for g in gf)))
+  return (jnp.stack(gx),)
 
 
 _lif.defvjp(_lif_fwd, _lif_bwd)
