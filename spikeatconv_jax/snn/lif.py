@@ -247,9 +247,9 @@ def lif_multithreshold(
   """K LIF neurons driven by the same currents `x` [T, ...], one per threshold (MBPL's
   branches, DESIGN.md §3): the same spikes and gradients as K `lif_multistep` calls.
 
-  One custom VJP serves all K: at T=1 it keeps one H for all of them, and its backward sums
-  the K input gradients in the same elementwise pass. (XLA:CPU fuses K separate LIFs the same
-  way; this states it in the graph instead of relying on XLA's CSE.)
+  One custom VJP serves all K: it keeps one H_1 for all of them (they all start from V_0), and
+  its backward sums the K input gradients in the same elementwise pass. (XLA:CPU fuses K
+  separate LIFs the same way; this states it in the graph instead of relying on XLA's CSE.)
 
   Args:
     x: input currents, time-major [T, ...], any float dtype.
