@@ -157,3 +157,40 @@ def test_cotangent_barrier_stores_the_lif_gradient_once(monkeypatch):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   mem = lambda c: c.memory_analysis().temp_size_in_bytes
   assert mem(with_barrier) < 0.9 * mem(without), (mem(with_barrier), mem(without))
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+def test_cpu_layer_norm_matches_nn_layer_norm(dtype, tol):
+  # Same parameters (names, shapes, init), values and gradients as nn.LayerNorm, on an input
+  # with a per-row offset (the two-pass variance and the mat-vec channel means both matter).
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 4, 24)) * 3.0 + 5.0
+  x = x.astype(dtype)
+  kw = dict(epsilon=common.LN_EPS, dtype=dtype, param_dtype=jnp.float32, name="ln")
+  ours = common.CPULayerNorm(scale_init=nn.initializers.constant(0.5), **kw)
+  ref = nn.LayerNorm(scale_init=nn.initializers.constant(0.5), **kw)
+  v = ours.init(jax.random.PRNGKey(1), x)
+  v_ref = ref.init(jax.random.PRNGKey(1), x)
+  assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v_ref)
+  for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(v_ref), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  v = jax.tree_util.tree_map(lambda a: a + jnp.linspace(0.1, 0.9, a.shape[-1]), v)
+  r = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+
+  def loss(m):
+    return lambda p, x: jnp.sum(jnp.sin(m.apply({"params": p}, x).astype(jnp.float32)) * r)
+
+  y0, g0 = jax.jit(jax.value_and_grad(loss(ref), argnums=(0, 1)))(v["params"], x)
+  y1, g1 = jax.jit(jax.value_and_grad(loss(ours), argnums=(0, 1)))(v["params"], x)
+  out = ours.apply(v, x)
+  assert out.dtype == ref.apply(v, x).dtype
+  np.testing.assert_allclose(float(y1), float(y0), rtol=tol, atol=tol)
+  for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1), strict=True):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    scale = float(np.max(np.abs(np.asarray(a, np.float32))))
+    np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=tol,
+                               atol=tol * scale)  # fmt: skip
+
+
+def test_layer_norm_is_the_cpu_form_on_cpu():
+  m = common.layer_norm(dtype=jnp.float32, name="ln")
+  assert isinstance(m, common.CPULayerNorm if jax.default_backend() == "cpu" else nn.LayerNorm)
