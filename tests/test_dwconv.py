@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from configs.common import model_config
+from spikeatconv_jax import models
 from spikeatconv_jax.layers import dwconv, dwconv_native
 
-IMPLS = {"shift": dwconv.depthwise_conv2d_shift, "native": dwconv_native.depthwise_conv2d_native}
+IMPLS = {
+  "shift": dwconv.depthwise_conv2d_shift,
+  "native": dwconv_native.depthwise_conv2d_native,
+  "lax_taps": dwconv.depthwise_conv2d_lax_taps,  # the GPU form: lax plus a tap kernel gradient
+}
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +153,7 @@ def test_module_params_and_dispatch(monkeypatch):
   assert jax.default_backend() == "cpu" and dwconv_native.available()
   outs = {}
   try:
-    for name in ("lax", "shift", "native"):
+    for name in ("lax", "lax_taps", "shift", "native"):
       dwconv.set_implementation(name)
       assert dwconv.implementation() == name
       outs[name] = module.apply({"params": params}, x)
@@ -169,6 +175,12 @@ def test_module_params_and_dispatch(monkeypatch):
     assert dwconv.implementation((14, 14), 128) == "matmul"
     assert dwconv.implementation((7, 7), 8) == "matmul"
     assert dwconv.implementation((28, 28), 128) == "shift"
+    # Accelerators (the choice is made at trace time from the default backend): TPUs take
+    # lax's grouped conv, GPUs the form without a batch-grouped kernel gradient.
+    for backend, want_impl in (("tpu", "lax"), ("gpu", "lax_taps"), ("cuda", "lax_taps")):
+      with monkeypatch.context() as m:
+        m.setattr(jax, "default_backend", lambda b=backend: b)
+        assert dwconv.implementation((56, 56), 32) == want_impl, backend
     monkeypatch.setenv(dwconv.ENV_VAR, "lax")
     assert dwconv.implementation() == "lax"
     monkeypatch.setenv(dwconv.ENV_VAR, "cudnn")
@@ -260,7 +272,7 @@ def _branch_sum_reference(xs, kern, strides):
   )
 
 
-@pytest.mark.parametrize("impl", ["lax", "shift", "matmul", "native"])
+@pytest.mark.parametrize("impl", ["lax", "lax_taps", "shift", "matmul", "native"])
 @pytest.mark.parametrize(
   "h,w,c,k,s",
   [(8, 8, 5, 7, 1), (5, 6, 5, 7, 2), (1, 1, 5, 7, 1), (9, 7, 5, 3, 1), (9, 21, 40, 7, 1)],
@@ -346,3 +358,52 @@ def test_branch_sum_module_keeps_the_grouped_kernel():
     dwconv.depthwise_conv2d_sum(xs, jnp.zeros((7, 7, 3, 6)))
   with pytest.raises(ValueError, match="same-shaped"):
     dwconv.depthwise_conv2d_sum([xs[0], xs[1][:, :4]], jnp.zeros((7, 7, 2, 6)))
+
+
+def _conv_group_counts(jaxpr) -> list[tuple[int, int]]:
+  """(feature_group_count, batch_group_count) of every convolution in a jaxpr, sub-jaxprs too."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      out.append((eqn.params["feature_group_count"], eqn.params["batch_group_count"]))
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, tuple | list) else (v,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          out += _conv_group_counts(sub)
+  return out
+
+
+@pytest.mark.parametrize("form", ["auto", "lax"])
+def test_gpu_train_step_has_no_batch_grouped_convolution(monkeypatch, form):
+  """What a GPU traces (the backend is read at trace time; nothing is compiled here): with `auto`,
+  the depthwise convs and MBPL's merge keep lax's grouped forward and input gradient, and their
+  kernel gradients are per-offset reductions, not the batch-grouped convolutions that XLA:GPU
+  runs about as slowly as dense ones. Plain lax (form="lax") shows that the check finds them."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  cfg = model_config(variant="nano", spk="mbpl", attention="sisa", num_classes=10)
+  cfg.attention.partition = 4
+  m = models.build(cfg)
+  x = jnp.zeros((2, 32, 32, 3))
+  with dwconv.using(form):
+    variables = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, train=False))
+
+    def loss(params, stats):
+      out, _ = m.apply(
+        {"params": params, "batch_stats": stats},
+        x,
+        train=True,
+        rngs={"dropout": jax.random.PRNGKey(1)},
+        mutable=["batch_stats", "spikes"],
+      )
+      return out.sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"])
+    counts = _conv_group_counts(jaxpr.jaxpr)
+  grouped = [f for f, b in counts if f > 1]
+  batch_grouped = [b for f, b in counts if b > 1]
+  assert len(grouped) >= 8, counts  # forwards and input gradients: lax's grouped conv
+  if form == "auto":
+    assert not batch_grouped, counts
+  else:
+    assert batch_grouped, counts

@@ -5,9 +5,12 @@
 
 These implementations compute the same function:
 
-- `depthwise_conv2d_lax`: `lax.conv_general_dilated` with `feature_group_count=C`. Fast on GPU/TPU,
-  but XLA:CPU runs grouped convolutions at well under 1 GFLOP/s (50-100x below its dense matmul),
+- `depthwise_conv2d_lax`: `lax.conv_general_dilated` with `feature_group_count=C`, what TPUs run.
+  XLA:CPU runs grouped convolutions at well under 1 GFLOP/s (50-100x below its dense matmul),
   which would dominate every ConvNeXt block of a CPU run.
+- `depthwise_conv2d_lax_taps`: the same forward and input gradient, with the kernel gradient as
+  kh*kw per-offset reductions instead of autodiff's batch-grouped convolution, which is slow on
+  XLA:GPU (jax-ml/jax#13800). What GPUs run.
 - `depthwise_conv2d_shift`: the sum over the kh*kw kernel offsets of (strided) slices of the padded
   input times per-channel weights. XLA fuses the whole sum into one vectorised loop. Its gradient is
   a `custom_vjp`: the input gradient is the same shift-sum with the flipped kernel over the padded
@@ -32,10 +35,11 @@ These implementations compute the same function:
 forms. On CPU, `auto` picks the native kernels when they build (the Toeplitz matmul for maps of
 at most NATIVE_MATMUL_MAX_POSITIONS positions at large batches). Without them it picks the
 Toeplitz matmul for small maps (below SHIFT_MIN_POSITIONS positions, and where `_matmul_pays`
-for the batch) and the shift form otherwise. On GPU/TPU it picks lax's grouped convolution.
+for the batch) and the shift form otherwise. On TPU it picks lax's grouped convolution, on GPU
+`lax_taps`.
 Override with `set_implementation(...)`, `with using(...)`, or the env var
-`SPIKEATCONV_DWCONV=auto|lax|shift|matmul|native` (the module setting wins). The choice is made
-when a function is traced, so change it before `jax.jit` compiles the caller.
+`SPIKEATCONV_DWCONV=auto|lax|lax_taps|shift|matmul|native` (the module setting wins). The choice
+is made when a function is traced, so change it before `jax.jit` compiles the caller.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from spikeatconv_jax.layers import dwconv_native
 
 Dtype = Any
 
-IMPLEMENTATIONS = ("auto", "lax", "shift", "matmul", "native")
+IMPLEMENTATIONS = ("auto", "lax", "lax_taps", "shift", "matmul", "native")
 ENV_VAR = "SPIKEATCONV_DWCONV"
 _override: str | None = None
 
@@ -108,7 +112,8 @@ NATIVE_MATMUL_MIN_BATCH = 32
 
 
 def implementation(spatial: tuple[int, int] | None = None, batch: int | None = None) -> str:
-  """The implementation `depthwise_conv2d` would use: "lax", "shift", "matmul" or "native".
+  """The implementation `depthwise_conv2d` would use: "lax", "lax_taps", "shift", "matmul" or
+  "native" (TPU: "lax"; GPU: "lax_taps"; CPU: below).
 
   Args:
     spatial: (H, W) of the input. With `auto` on CPU: the native kernels
@@ -122,8 +127,11 @@ def implementation(spatial: tuple[int, int] | None = None, batch: int | None = N
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"{ENV_VAR}={name!r} is not one of {IMPLEMENTATIONS}")
   if name == "auto":
-    if jax.default_backend() != "cpu":
+    backend = jax.default_backend()
+    if backend == "tpu":
       return "lax"
+    if backend != "cpu":  # GPUs: no batch-grouped convolution in the backward
+      return "lax_taps"
     if dwconv_native.available():
       small = spatial is not None and spatial[0] * spatial[1] <= NATIVE_MATMUL_MAX_POSITIONS
       big_batch = batch is not None and batch >= NATIVE_MATMUL_MIN_BATCH
@@ -266,19 +274,39 @@ def _dwconv_shift_bwd(strides, res, g):
   sh, sw = strides
   dx = _input_grad(g, kernel, (h, w), pads, strides)
 
-  # Kernel gradient: dk[a, b, c, m] = sum_{n,i,j} xp[n, i*sh + a, j*sw + b, c] * g[n, i, j, c*M+m].
-  # One offset per iteration of a loop: unrolled, XLA:CPU materialised all kh*kw products at
-  # once (a temp of ~49x the activation: 98 GB for the spiking tiny train step at batch 8).
+  dk = _kernel_grad_taps(x, g, (kh, kw), 1, strides).reshape(kh, kw, c, m)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+def _kernel_grad_taps(x, g, kernel_hw, in_per_group: int, strides) -> jax.Array:
+  """Kernel gradient of the SAME grouped conv x [N, H, W, G*I] -> g [N, H', W', G*O] (groups G,
+  I = in_per_group), as one reduction per kernel offset, in float32: [kh, kw, I, G*O], the
+  HWIO layout of the grouped conv's kernel.
+
+  dk[a, b, i, q*O + o] = sum_{n,y,z} xp[n, y*sh + a, z*sw + b, q*I + i] * g[n, y, z, q*O + o].
+  One offset per iteration of a loop: unrolled, XLA:CPU materialised all kh*kw products at once
+  (a temp of ~49x the activation: 98 GB for the spiking tiny train step at batch 8). No
+  batch-grouped convolution, which is what autodiff of lax's grouped conv produces (see
+  `depthwise_conv2d_lax_taps`).
+  """
+  n, h, w, gi = x.shape
+  _, ho, wo, go = g.shape
+  kh, kw = kernel_hw
+  groups = gi // in_per_group
+  out_per_group = go // groups
+  pads, _ = _geometry(x.shape, (kh, kw), strides)
+  sh, sw = strides
   xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  g5 = g.astype(jnp.float32).reshape(n, ho, wo, c, m)
+  g5 = g.astype(jnp.float32).reshape(n, ho, wo, groups, 1, out_per_group)
   span = ((ho - 1) * sh + 1, (wo - 1) * sw + 1)
 
   def tap(t):
-    window = lax.dynamic_slice(xp, (0, t // kw, t % kw, 0), (n, *span, c))[:, ::sh, ::sw]
-    return jnp.sum(window.astype(jnp.float32)[..., None] * g5, axis=(0, 1, 2))  # [C, M]
+    window = lax.dynamic_slice(xp, (0, t // kw, t % kw, 0), (n, *span, gi))[:, ::sh, ::sw]
+    window = window.astype(jnp.float32).reshape(n, ho, wo, groups, in_per_group, 1)
+    dk = jnp.sum(window * g5, axis=(0, 1, 2))  # [G, I, O]
+    return dk.transpose(1, 0, 2).reshape(in_per_group, go)
 
-  dk = lax.map(tap, jnp.arange(kh * kw)).reshape(kh, kw, c, m)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+  return lax.map(tap, jnp.arange(kh * kw)).reshape(kh, kw, in_per_group, go)
 
 
 _dwconv_shift.defvjp(_dwconv_shift_fwd, _dwconv_shift_bwd)
@@ -298,6 +326,55 @@ def depthwise_conv2d_shift(x: jax.Array, kernel: jax.Array, strides: Sequence[in
   """
   strides = _check(x, kernel, strides)
   return _dwconv_shift(x, kernel, strides)
+
+
+def _grouped_conv(x, kernel, strides, groups, accumulate_f32):
+  y = lax.conv_general_dilated(
+    x,
+    kernel,
+    window_strides=strides,
+    padding="SAME",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=groups,
+    preferred_element_type=jnp.float32 if accumulate_f32 else None,
+  )
+  return y.astype(jnp.result_type(x, kernel))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _grouped_conv_taps(x, kernel, strides, groups, accumulate_f32):
+  return _grouped_conv(x, kernel, strides, groups, accumulate_f32)
+
+
+def _grouped_conv_taps_fwd(x, kernel, strides, groups, accumulate_f32):
+  return _grouped_conv(x, kernel, strides, groups, accumulate_f32), (x, kernel)
+
+
+def _grouped_conv_taps_bwd(strides, groups, accumulate_f32, res, g):
+  x, kernel = res
+  # Input gradient: autodiff's own transpose (a feature-grouped convolution, as the forward).
+  _, vjp_x = jax.vjp(lambda x_: _grouped_conv(x_, kernel, strides, groups, accumulate_f32), x)
+  (dx,) = vjp_x(g)
+  dk = _kernel_grad_taps(x, g, kernel.shape[:2], kernel.shape[2], strides)
+  return dx, dk.astype(kernel.dtype)
+
+
+_grouped_conv_taps.defvjp(_grouped_conv_taps_fwd, _grouped_conv_taps_bwd)
+
+
+def depthwise_conv2d_lax_taps(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)):
+  """lax's grouped conv forward and input gradient; the kernel gradient as kh*kw reductions.
+
+  Autodiff of a grouped convolution writes its kernel gradient as a convolution with
+  batch_group_count = groups. XLA:GPU hands that to cuDNN or expands it into an ordinary
+  convolution over all channel pairs; JAX reports the backward of grouped convs on CUDA as slow
+  as a dense conv's (jax-ml/jax#13800). Here it is one reduction over N, H', W' per kernel
+  offset instead: memory-bound, kh*kw reads of x and the cotangent. `auto` picks this form on
+  GPUs. Same arguments, result and gradients as `depthwise_conv2d_lax`.
+  """
+  strides = _check(x, kernel, strides)
+  kh, kw, c, m = kernel.shape
+  return _grouped_conv_taps(x, kernel.reshape(kh, kw, 1, c * m), strides, c, False)
 
 
 @functools.lru_cache(maxsize=256)
@@ -370,6 +447,8 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (
     return depthwise_conv2d_shift(x, kernel, strides)
   if impl == "matmul":
     return depthwise_conv2d_matmul(x, kernel, strides)
+  if impl == "lax_taps":
+    return depthwise_conv2d_lax_taps(x, kernel, strides)
   return depthwise_conv2d_lax(x, kernel, strides)
 
 
@@ -432,15 +511,8 @@ def depthwise_conv2d_sum(
     y = depthwise_conv2d_shift(x.reshape(n, h, w, c * k), kern, strides)
     return y.reshape(n, *y.shape[1:3], c, k).sum(axis=4, dtype=jnp.float32).astype(dtype)
   # lax: groups of K consecutive input channels (c, k) feed output channel c.
-  return lax.conv_general_dilated(
-    x.reshape(n, h, w, c * k),
-    kernel.astype(dtype),
-    window_strides=strides,
-    padding="SAME",
-    dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    feature_group_count=c,
-    preferred_element_type=jnp.float32,
-  ).astype(dtype)
+  conv = _grouped_conv_taps if impl == "lax_taps" else _grouped_conv
+  return conv(x.reshape(n, h, w, c * k), kernel.astype(dtype), strides, c, True)
 
 
 class DepthwiseConv(nn.Module):
