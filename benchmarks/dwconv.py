@@ -5,6 +5,7 @@ matmul for small maps and the shift-sum above), forward and fwd+bwd.
 Shapes are the ConvNeXt branches of the models (kernel 7):
   nano: dims 32/64/128/256, 32 px input -> maps 8/4/2/1, batch 64
   tiny: dims 64/128/256/512, 224 px input -> maps 56/28/14/7, batch 8
+  base: dims 128/256/512/1024, 224 px input -> maps 56/28/14/7, batch 32 (for GPUs)
 Per stage: the stride-1 block (C -> C) and the stride-2 stage-entry block (map 2x larger,
 multiplier C/C_in; M=2 for stages 1-3, M=1 for stage 0 whose input is the stem's C_0 = dims[0]).
 
@@ -36,12 +37,14 @@ from spikeatconv_jax.layers import dwconv  # noqa: E402
 MODELS = {
   "nano": dict(dims=(32, 64, 128, 256), maps=(8, 4, 2, 1), batch=64),
   "tiny": dict(dims=(64, 128, 256, 512), maps=(56, 28, 14, 7), batch=8),
+  "base": dict(dims=(128, 256, 512, 1024), maps=(56, 28, 14, 7), batch=32),  # benchmarks/gpu.sh
 }
 IMPLS = {
   "lax": dwconv.depthwise_conv2d_lax,
   "shift": dwconv.depthwise_conv2d_shift,
   # What the models run: on CPU the native kernels (the Toeplitz matmul for small maps at large
   # batches); without a compiler the Toeplitz matmul below SHIFT_MIN_POSITIONS, else the shift.
+  # On GPU lax_taps (lax with a per-offset kernel gradient), on TPU lax itself.
   "auto": dwconv.depthwise_conv2d,
 }
 

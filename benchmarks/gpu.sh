@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # The Base train step on one GPU: 224 px, bfloat16, T=1 and T=2, MBPL + SISA (the paper's block).
 # Prints train images/s, MFU against the chip's bf16 peak, compile time and peak device memory,
-# as benchmarks/model.py's table and JSON line. Budget: under 8 minutes (hard limit below).
+# as benchmarks/model.py's table and JSON line. Budget: under 8 minutes (LIMIT_S, below).
 # Blocks run under nn.scan (model.scan_blocks, as in the ImageNet presets) to keep compiles short.
 #
 #   bash benchmarks/gpu.sh                     # PEAK_TFLOPS: the chip's dense bf16 rate
-#   PEAK_TFLOPS=989 BATCH=64 bash benchmarks/gpu.sh
+#   PEAK_TFLOPS=989 BATCH=32 BATCH_T2=16 bash benchmarks/gpu.sh
+#
+# Steps, each cut off at what is left of LIMIT_S:
+#   1. benchmarks/dwconv.py on base's depthwise shapes, bfloat16: lax's grouped conv against the
+#      form the models run on GPU (`auto` = lax_taps: the kernel gradient without a batch-grouped
+#      convolution). SPIKEATCONV_DWCONV=lax makes the models run plain lax instead.
+#   2. the T=1 train step at BATCH (default 32), 3. the T=2 step at BATCH_T2 (default 16: at
+#      batch 32, T=1 alone held 61 GB with lax on an H200).
 #
 # Needs a JAX with the CUDA backend in $PY (default .venv/bin/python), e.g.
 #   pip install "jax[cuda12]==0.10.2"
@@ -14,7 +21,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-BATCH=${BATCH:-64}
+BATCH=${BATCH:-32}
+BATCH_T2=${BATCH_T2:-16}
 PEAK_TFLOPS=${PEAK_TFLOPS-989}
 LIMIT_S=${LIMIT_S:-470}
 
@@ -24,15 +32,22 @@ if [[ "$backend" != "gpu" && "$backend" != "cuda" && "$backend" != "rocm" ]]; th
   echo "Install a CUDA JAX (pip install \"jax[cuda12]==0.10.2\") or set PY." >&2
   exit 2
 fi
-"$PY" -c 'import jax; print("devices:", jax.devices())'
+"$PY" -c 'import jax; print("devices:", jax.devices(), "jax", jax.__version__)'
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 
 peak_args=()
 if [[ -n "$PEAK_TFLOPS" ]]; then
   peak_args=(--peak-tflops "$PEAK_TFLOPS")
 fi
-# lax's grouped conv on GPU (the CPU Toeplitz/shift forms are for XLA:CPU only).
-export SPIKEATCONV_DWCONV=lax
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # so peak_bytes_in_use reflects the step
-timeout "$LIMIT_S" "$PY" benchmarks/model.py --variant base --timesteps 1,2 --nets mbpl/sisa \
-  --batch "$BATCH" --dtype bfloat16 --repeats 10 --mfu --scan-blocks "${peak_args[@]}"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+left() { local s=$((LIMIT_S - SECONDS)); echo $((s > 1 ? s : 1)); }  # timeout 0 would mean none
+
+timeout "$(left)" "$PY" benchmarks/dwconv.py --models base --dtype bfloat16 --repeats 5 \
+  --warmup 1 || echo "benchmarks/gpu.sh: dwconv.py stopped (rc $?)" >&2
+for spec in "1 $BATCH" "2 $BATCH_T2"; do
+  read -r t b <<<"$spec"
+  timeout "$(left)" "$PY" benchmarks/model.py --variant base --timesteps "$t" --nets mbpl/sisa \
+    --batch "$b" --dtype bfloat16 --repeats 10 --mfu --scan-blocks --train-only \
+    "${peak_args[@]}" || echo "benchmarks/gpu.sh: T=$t stopped (rc $?)" >&2
+done

@@ -181,23 +181,31 @@ def prepare_setting(args, t: int, net: str) -> tuple[dict, dict]:
     out["hlo_instructions"] = sum(1 for ln in hlo if " = " in ln and not ln.startswith("HloModule"))
     out.update(fwd_img_s=None, fwd_compile_s=None, fwd_mem_mb=None, train_img_s=None)
     return out, {}
-  t0 = time.perf_counter()
-  fwd = jax.jit(forward).lower(params, stats, images).compile()
-  out["fwd_compile_s"] = time.perf_counter() - t0
-  out["fwd_mem_mb"] = _mem_mb(fwd)
-  jax.block_until_ready(fwd(params, stats, images))
+  fns = {}
+  if args.train_only:
+    out.update(fwd_img_s=None, fwd_compile_s=None, fwd_mem_mb=None)
+  else:
+    t0 = time.perf_counter()
+    fwd = jax.jit(forward).lower(params, stats, images).compile()
+    out["fwd_compile_s"] = time.perf_counter() - t0
+    out["fwd_mem_mb"] = _mem_mb(fwd)
+    jax.block_until_ready(fwd(params, stats, images))
+    fns["fwd"] = lambda: fwd(params, stats, images)
 
   t0 = time.perf_counter()
   step = jax.jit(train_step).lower(params, stats, opt_state, images, labels, rng).compile()
   out["train_compile_s"] = time.perf_counter() - t0
   out["train_mem_mb"] = _mem_mb(step)
+  print(
+    f"compiled {net} T={t}: train step {out['train_compile_s']:.1f} s, {out['train_mem_mb']} MB",
+    file=sys.stderr,
+    flush=True,
+  )
   jax.block_until_ready(step(params, stats, opt_state, images, labels, rng))
   if args.mfu:
     out["train_tflops_per_image"] = train_flops_per_image(cfg, size) / 1e12
-  return out, {
-    "fwd": lambda: fwd(params, stats, images),
-    "train": lambda: step(params, stats, opt_state, images, labels, rng),
-  }
+  fns["train"] = lambda: step(params, stats, opt_state, images, labels, rng)
+  return out, fns
 
 
 def measure(args, settings: list[tuple[dict, dict]]) -> list[dict]:
@@ -217,7 +225,8 @@ def measure(args, settings: list[tuple[dict, dict]]) -> list[dict]:
   for (out, fns), got in zip(settings, samples, strict=True):
     if fns:
       b = out["batch"]
-      out["fwd_img_s"] = b / statistics.median(got["fwd"])
+      if "fwd" in got:
+        out["fwd_img_s"] = b / statistics.median(got["fwd"])
       out["train_img_s"] = b / statistics.median(got["train"])
       out["train_step_s"] = [round(v, 4) for v in got["train"]]
       out["device_peak_mb"] = _peak_device_mb()  # None on CPU (no allocator statistics)
@@ -253,6 +262,10 @@ def main():
   ap.add_argument(
     "--compile-only", action="store_true",
     help="abstract params (jax.eval_shape); only lower + compile the train step and time both",
+  )  # fmt: skip
+  ap.add_argument(
+    "--train-only", action="store_true",
+    help="skip the forward (train=False) program: only compile and time the train step",
   )  # fmt: skip
   ap.add_argument(
     "--mfu", action="store_true",

@@ -67,3 +67,22 @@ def test_model_benchmark_interleaves_settings(interleave):
     assert calls == ["a.fwd", "a.fwd", "a.train", "a.train", "b.fwd", "b.fwd", "b.train", "b.train"]
   assert [len(r["train_step_s"]) for r in rows] == [2, 2]
   assert all(r["train_img_s"] > 0 and r["fwd_img_s"] > 0 for r in rows)
+
+
+def test_model_benchmark_train_only_times_only_the_train_step():
+  """--train-only (gpu.sh): no forward program is built or timed; its columns stay empty."""
+  import argparse
+
+  spec = importlib.util.spec_from_file_location("bench_model", REPO / "benchmarks" / "model.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  args = argparse.Namespace(
+    variant="nano", timesteps="1", nets="none/softmax", image_size=None, partition=None,
+    batch=2, classes=10, dtype="float32", remat=False, scan_blocks=False, repeats=2,
+    interleave=False, compile_only=False, train_only=True, mfu=False, peak_tflops=None,
+  )  # fmt: skip
+  row, fns = bench.prepare_setting(args, 1, "none/softmax")
+  assert sorted(fns) == ["train"]
+  (row,) = bench.measure(args, [(row, fns)])
+  assert row["fwd_img_s"] is None and row["fwd_compile_s"] is None
+  assert row["train_img_s"] > 0 and row["train_compile_s"] > 0 and len(row["train_step_s"]) == 2
