@@ -12,7 +12,8 @@
 #      form the models run on GPU (`auto` = lax_taps: the kernel gradient without a batch-grouped
 #      convolution). SPIKEATCONV_DWCONV=lax makes the models run plain lax instead.
 #   2. the T=1 train step at BATCH (default 32), 3. the T=2 step at BATCH_T2 (default 16: at
-#      batch 32, T=1 alone held 61 GB with lax on an H200).
+#      batch 32, T=1 alone held 61 GB with lax on an H200). Each also profiles one more step and
+#      lists its 25 most expensive kernels (model.py --profile-top).
 #
 # Needs a JAX with the CUDA backend in $PY (default .venv/bin/python), e.g.
 #   pip install "jax[cuda12]==0.10.2"
@@ -33,6 +34,11 @@ if [[ "$backend" != "gpu" && "$backend" != "cuda" && "$backend" != "rocm" ]]; th
   exit 2
 fi
 "$PY" -c 'import jax; print("devices:", jax.devices(), "jax", jax.__version__)'
+if ! "$PY" -c 'import flax, optax, ml_collections' 2>/dev/null; then
+  echo "benchmarks/gpu.sh: $PY lacks flax, optax or ml_collections (pip install -r requirements.txt," >&2
+  echo "or carry them as wheels)." >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 
 peak_args=()
@@ -48,6 +54,6 @@ timeout "$(left)" "$PY" benchmarks/dwconv.py --models base --dtype bfloat16 --re
 for spec in "1 $BATCH" "2 $BATCH_T2"; do
   read -r t b <<<"$spec"
   timeout "$(left)" "$PY" benchmarks/model.py --variant base --timesteps "$t" --nets mbpl/sisa \
-    --batch "$b" --dtype bfloat16 --repeats 10 --mfu --scan-blocks --train-only \
+    --batch "$b" --dtype bfloat16 --repeats 10 --mfu --scan-blocks --train-only --profile-top 25 \
     "${peak_args[@]}" || echo "benchmarks/gpu.sh: T=$t stopped (rc $?)" >&2
 done

@@ -22,6 +22,12 @@ alike: use it for ratios between settings (spiking vs spike-free, T=2 vs T=1).
 --compile-only`); the row then holds train_lower_s, train_compile_s and the optimized HLO's
 instruction count.
 
+--train-only skips the forward (train=False) program: only the train step is compiled and timed.
+
+--profile-top N profiles one more train step (jax.profiler, perfetto trace in a temp dir) and
+lists the N ops with the most time: on a GPU/TPU the kernels on the device's tracks, summed by
+HLO op; on CPU the XLA ops on the host threads.
+
 --mfu adds model FLOPs utilisation: dense train FLOPs per image (3 x 2 x dense MACs per step x T,
 energy.report's count) times train images/s, over the peak matmul rate measured in the same run
 (--peak-tflops gives one instead, e.g. a GPU's spec-sheet bf16 rate). On GPU/TPU the row also
@@ -36,6 +42,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -101,6 +108,65 @@ def _peak_device_mb() -> float | None:
   stats = jax.local_devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
   return None if peak is None else peak / 2**20
+
+
+def top_ops(events: list[dict], top: int) -> dict:
+  """Time per op from a profiler trace's events (Chrome/perfetto JSON): complete ("X") events
+  that name an HLO op (an `hlo_op` argument; if none does, every event but the Python frames,
+  named "$..."), summed per op. On the accelerator's tracks when there are any (process names
+  with "GPU", "TPU" or "/device:"), else on all tracks (XLA:CPU runs its ops on host threads).
+
+  Returns {"tracks": "device"|"all", "total_ms", "ops": [[name, ms, count], ...] (the `top`
+  most expensive), "kinds": the same per op kind (the name without its numeric suffix)}.
+  """
+  names = {
+    e.get("pid"): str(e.get("args", {}).get("name", ""))
+    for e in events
+    if e.get("ph") == "M" and e.get("name") == "process_name"
+  }
+  device = {p for p, n in names.items() if any(k in n for k in ("GPU", "TPU", "/device:"))}
+  done = [e for e in events if e.get("ph") == "X" and "dur" in e]
+  if device:
+    done = [e for e in done if e.get("pid") in device]
+  ops = [e for e in done if (e.get("args") or {}).get("hlo_op")]
+  done = ops or [e for e in done if not str(e.get("name", "")).startswith("$")]
+  agg: dict[str, list] = {}
+  for e in done:
+    name = str((e.get("args") or {}).get("hlo_op") or e.get("name", "?"))
+    row = agg.setdefault(name, [0.0, 0])
+    row[0] += e["dur"] / 1e3
+    row[1] += 1
+  kinds: dict[str, list] = {}  # "fusion.12", "fusion.40" -> "fusion"
+  for name, (ms, n) in agg.items():
+    row = kinds.setdefault(re.sub(r"[._]\d+$", "", name), [0.0, 0])
+    row[0] += ms
+    row[1] += n
+
+  def ranked(d):
+    return [[k, round(v[0], 3), v[1]] for k, v in sorted(d.items(), key=lambda kv: -kv[1][0])][:top]
+
+  return dict(
+    tracks="device" if device else "all",
+    total_ms=sum(v[0] for v in agg.values()),
+    ops=ranked(agg),
+    kinds=ranked(kinds),
+  )
+
+
+def profile_step(fn, top: int) -> dict:
+  """Runs `fn` once under jax.profiler (perfetto trace in a temp dir) and returns `top_ops`."""
+  import glob
+  import gzip
+  import tempfile
+
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      jax.block_until_ready(fn())
+    (path,) = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  return top_ops(events, top)
 
 
 def prepare_setting(args, t: int, net: str) -> tuple[dict, dict]:
@@ -230,6 +296,8 @@ def measure(args, settings: list[tuple[dict, dict]]) -> list[dict]:
       out["train_img_s"] = b / statistics.median(got["train"])
       out["train_step_s"] = [round(v, 4) for v in got["train"]]
       out["device_peak_mb"] = _peak_device_mb()  # None on CPU (no allocator statistics)
+      if getattr(args, "profile_top", 0):
+        out["train_profile"] = profile_step(fns["train"], args.profile_top)
       if args.mfu:
         out["train_tflops_s"] = out["train_tflops_per_image"] * out["train_img_s"]
         out["peak_tflops_s"] = args.peak_tflops or matmul_peak_tflops(args.dtype)
@@ -266,6 +334,10 @@ def main():
   ap.add_argument(
     "--train-only", action="store_true",
     help="skip the forward (train=False) program: only compile and time the train step",
+  )  # fmt: skip
+  ap.add_argument(
+    "--profile-top", type=int, default=0, metavar="N",
+    help="after timing, profile one train step and list its N most expensive ops",
   )  # fmt: skip
   ap.add_argument(
     "--mfu", action="store_true",
@@ -306,6 +378,13 @@ def main():
         f"    compile only: trace+lower {r['train_lower_s']:.1f} s, compile "
         f"{r['train_compile_s']:.1f} s, {r['hlo_instructions']} optimized HLO instructions"
       )
+    if "train_profile" in r:
+      prof = r["train_profile"]
+      print(f"    profiled train step: {prof['total_ms']:.1f} ms of ops on {prof['tracks']} tracks")
+      for title in ("kinds", "ops"):
+        print(f"    top {title}:")
+        for name, ms, count in prof[title]:
+          print(f"      {ms:10.2f} ms {count:5d}x  {name[:90]}")
     if "mfu" in r:
       print(
         f"    train {r['train_tflops_s']:.3f} TFLOP/s dense = {100 * r['mfu']:.1f} % MFU of "

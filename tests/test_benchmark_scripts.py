@@ -86,3 +86,29 @@ def test_model_benchmark_train_only_times_only_the_train_step():
   (row,) = bench.measure(args, [(row, fns)])
   assert row["fwd_img_s"] is None and row["fwd_compile_s"] is None
   assert row["train_img_s"] > 0 and row["train_compile_s"] > 0 and len(row["train_step_s"]) == 2
+
+
+def test_top_ops_sums_hlo_ops_on_device_tracks():
+  spec = importlib.util.spec_from_file_location("bench_model", REPO / "benchmarks" / "model.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  meta = [
+    {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+    {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+  ]
+  x = lambda pid, name, dur, op=None: dict(ph="X", pid=pid, name=name, dur=dur, args={"hlo_op": op})
+  events = meta + [
+    x(1, "host_fusion", 9000.0, "fusion.1"),  # host track: ignored once device tracks exist
+    x(2, "kernel_a", 1000.0, "fusion.2"),
+    x(2, "kernel_b", 500.0, "fusion.2"),
+    x(2, "kernel_c", 2000.0, "convolution.7"),
+    x(2, "memcpy", 300.0),  # names no HLO op
+    x(2, "kernel_d", 250.0, "fusion.3"),
+  ]
+  got = bench.top_ops(events, top=2)
+  assert got["tracks"] == "device" and got["total_ms"] == 3.75
+  assert got["ops"] == [["convolution.7", 2.0, 1], ["fusion.2", 1.5, 2]]
+  assert got["kinds"] == [["convolution", 2.0, 1], ["fusion", 1.75, 3]]
+  # XLA:CPU: no device tracks; the ops run on host threads, Python frames are not ops.
+  cpu = [x(1, "$api.py:1 f", 50.0), x(1, "ynn_fusion", 100.0, "ynn_fusion.4")]
+  assert bench.top_ops(cpu, top=5)["ops"] == [["ynn_fusion.4", 0.1, 1]]
