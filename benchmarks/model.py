@@ -297,7 +297,11 @@ def measure(args, settings: list[tuple[dict, dict]]) -> list[dict]:
       out["train_step_s"] = [round(v, 4) for v in got["train"]]
       out["device_peak_mb"] = _peak_device_mb()  # None on CPU (no allocator statistics)
       if getattr(args, "profile_top", 0):
-        out["train_profile"] = profile_step(fns["train"], args.profile_top)
+        try:
+          out["train_profile"] = profile_step(fns["train"], args.profile_top)
+        except Exception as e:  # noqa: BLE001 - e.g. no CUPTI: keep the timings, say why
+          out["train_profile_error"] = f"{type(e).__name__}: {e}"
+          print(f"profiling failed: {out['train_profile_error']}", file=sys.stderr, flush=True)
       if args.mfu:
         out["train_tflops_s"] = out["train_tflops_per_image"] * out["train_img_s"]
         out["peak_tflops_s"] = args.peak_tflops or matmul_peak_tflops(args.dtype)

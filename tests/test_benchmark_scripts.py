@@ -112,3 +112,20 @@ def test_top_ops_sums_hlo_ops_on_device_tracks():
   # XLA:CPU: no device tracks; the ops run on host threads, Python frames are not ops.
   cpu = [x(1, "$api.py:1 f", 50.0), x(1, "ynn_fusion", 100.0, "ynn_fusion.4")]
   assert bench.top_ops(cpu, top=5)["ops"] == [["ynn_fusion.4", 0.1, 1]]
+
+
+def test_model_benchmark_keeps_timings_when_profiling_fails(monkeypatch):
+  import argparse
+
+  spec = importlib.util.spec_from_file_location("bench_model", REPO / "benchmarks" / "model.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+
+  def no_profiler(fn, top):
+    raise RuntimeError("no CUPTI")
+
+  monkeypatch.setattr(bench, "profile_step", no_profiler)
+  args = argparse.Namespace(repeats=2, interleave=False, mfu=False, profile_top=5)
+  (row,) = bench.measure(args, [({"batch": 4}, {"train": lambda: 0})])
+  assert row["train_img_s"] > 0 and row["train_profile_error"] == "RuntimeError: no CUPTI"
+  assert "train_profile" not in row
