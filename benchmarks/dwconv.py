@@ -81,7 +81,12 @@ def bench_case(x_shape, k_shape, stride, dtype, repeats, warmup):
   k = (0.02 * jax.random.normal(kk, k_shape)).astype(dtype)
   strides = (stride, stride)
   result = {}
-  for name, impl in IMPLS.items():
+  impls = dict(IMPLS)
+  if jax.default_backend() != "cpu":  # the GPU form with its kernel gradient as a loop of taps
+    impls["taps_loop"] = dwconv.depthwise_conv2d_lax_taps
+  for name, impl in impls.items():
+    # TAPS_FORM is read when the backward is traced, i.e. inside the timed functions' first call.
+    dwconv.TAPS_FORM = "loop" if name == "taps_loop" else "auto"
     conv = lambda x, k, impl=impl: impl(x, k, strides)
     fwd = jax.jit(conv)
     y_shape = jax.eval_shape(conv, x, k).shape
@@ -95,6 +100,7 @@ def bench_case(x_shape, k_shape, stride, dtype, repeats, warmup):
       fwd_s=time_fn(fwd, (x, k), repeats, warmup),
       fwd_bwd_s=time_fn(jax.jit(fwd_bwd), (x, k, g), repeats, warmup),
     )
+  dwconv.TAPS_FORM = "auto"
   n, ho, wo, cm = y_shape
   flops = 2 * k_shape[0] * k_shape[1] * n * ho * wo * cm
   return flops, result
@@ -127,10 +133,16 @@ def main():
       row["speedup_fwd_bwd"] = res["lax"]["fwd_bwd_s"] / res["shift"]["fwd_bwd_s"]
       row["auto_impl"] = dwconv.implementation(x_shape[1:3], x_shape[0])
       row["auto_speedup_fwd_bwd"] = res["lax"]["fwd_bwd_s"] / res["auto"]["fwd_bwd_s"]
+      if "taps_loop" in res:
+        row["taps_loop_fwd_bwd_ms"] = 1e3 * res["taps_loop"]["fwd_bwd_s"]
+        row["auto_vs_taps_loop_fwd_bwd"] = res["taps_loop"]["fwd_bwd_s"] / res["auto"]["fwd_bwd_s"]
       rows.append(row)
       print(
         f"# {name}: lax/shift fwd {row['speedup_fwd']:.1f}x, fwd+bwd {row['speedup_fwd_bwd']:.1f}x;"
-        f" lax/auto ({row['auto_impl']}) fwd+bwd {row['auto_speedup_fwd_bwd']:.1f}x",
+        f" lax/auto ({row['auto_impl']}) fwd+bwd {row['auto_speedup_fwd_bwd']:.1f}x"
+        + (
+          f"; taps as a loop {row['taps_loop_fwd_bwd_ms']:.2f} ms f+b" if "taps_loop" in res else ""
+        ),
         flush=True,
       )
 

@@ -407,3 +407,27 @@ def test_gpu_train_step_has_no_batch_grouped_convolution(monkeypatch, form):
     assert not batch_grouped, counts
   else:
     assert batch_grouped, counts
+
+
+@pytest.mark.parametrize("groups_in,mult,stride", [(1, 2, 2), (1, 1, 1), (3, 1, 1)])
+def test_tap_kernel_gradient_forms_agree(monkeypatch, groups_in, mult, stride):
+  """The loop (CPU) and stacked (GPU) schedules of the per-offset kernel gradient: same sums.
+  groups_in=3: MBPL's merge (K=3 inputs per group); mult=2: a stage entry's multiplier."""
+  c = 5
+  x, _, kg = _inputs((2, 9, 8, c * groups_in), (7, 7, 1, 1), seed=3)
+  ho, wo = -(-9 // stride), -(-8 // stride)
+  g = jax.random.normal(kg, (2, ho, wo, c * mult))
+  got = {}
+  for form in ("loop", "stacked"):
+    monkeypatch.setattr(dwconv, "TAPS_FORM", form)
+    got[form] = dwconv._kernel_grad_taps(x, g, (7, 7), groups_in, (stride, stride))
+  monkeypatch.setattr(dwconv, "TAPS_FORM", "ring")
+  with pytest.raises(ValueError, match="TAPS_FORM"):
+    dwconv._kernel_grad_taps(x, g, (7, 7), groups_in, (stride, stride))
+  assert got["loop"].shape == (7, 7, groups_in, c * mult)
+  np.testing.assert_allclose(got["stacked"], got["loop"], atol=1e-5, rtol=1e-5)
+  # And both are lax's own kernel gradient of that grouped conv.
+  kern = jnp.zeros((7, 7, groups_in, c * mult))
+  conv = lambda k: dwconv._grouped_conv(x, k, (stride, stride), c, False)
+  (want,) = jax.vjp(conv, kern)[1](g)
+  np.testing.assert_allclose(got["loop"], want, atol=1e-4, rtol=1e-5)

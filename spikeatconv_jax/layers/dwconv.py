@@ -86,6 +86,10 @@ def using(name: str | None):
     set_implementation(previous)
 
 
+# How `_kernel_grad_taps` schedules its kh*kw reductions: "auto" (a loop on CPU, stacked
+# elsewhere), "loop" or "stacked". Read when a function is traced.
+TAPS_FORM = "auto"
+
 # On CPU, `auto` uses the shift form for maps of at least this many positions and the Toeplitz
 # matmul below it. Measured here (fwd+bwd, 7x7, 2 cores): on [128,16,16,128] matmul 298 ms,
 # shift 989 ms, lax 3119 ms; on [8,28,28,128] matmul 1171 ms, shift 200 ms, lax 1055 ms.
@@ -284,10 +288,15 @@ def _kernel_grad_taps(x, g, kernel_hw, in_per_group: int, strides) -> jax.Array:
   HWIO layout of the grouped conv's kernel.
 
   dk[a, b, i, q*O + o] = sum_{n,y,z} xp[n, y*sh + a, z*sw + b, q*I + i] * g[n, y, z, q*O + o].
-  One offset per iteration of a loop: unrolled, XLA:CPU materialised all kh*kw products at once
-  (a temp of ~49x the activation: 98 GB for the spiking tiny train step at batch 8). No
-  batch-grouped convolution, which is what autodiff of lax's grouped conv produces (see
-  `depthwise_conv2d_lax_taps`).
+  No batch-grouped convolution, which is what autodiff of lax's grouped conv produces (see
+  `depthwise_conv2d_lax_taps`). Two schedules of the same sums (`TAPS_FORM`):
+
+  - "loop" (XLA:CPU): one offset per iteration of a loop. Unrolled, XLA:CPU materialised all
+    kh*kw products at once (a temp of ~49x the activation: 98 GB for the spiking tiny train step
+    at batch 8).
+  - "stacked" (other backends): the kh*kw shifted windows stacked on a leading axis and reduced
+    together, so a GPU can run them as one reduction kernel whose input fusion reads the
+    windows in place, instead of a loop of kh*kw small kernels. Not yet timed on a GPU.
   """
   n, h, w, gi = x.shape
   _, ho, wo, go = g.shape
@@ -300,10 +309,23 @@ def _kernel_grad_taps(x, g, kernel_hw, in_per_group: int, strides) -> jax.Array:
   g5 = g.astype(jnp.float32).reshape(n, ho, wo, groups, 1, out_per_group)
   span = ((ho - 1) * sh + 1, (wo - 1) * sw + 1)
 
+  form = (
+    TAPS_FORM if TAPS_FORM != "auto" else "loop" if jax.default_backend() == "cpu" else "stacked"
+  )
+  if form not in ("loop", "stacked"):
+    raise ValueError(f"dwconv.TAPS_FORM must be 'auto', 'loop' or 'stacked', got {TAPS_FORM!r}")
+
+  def window(a, b):  # [N, H', W', G, I, 1]: the inputs that kernel offset (a, b) multiplies
+    win = lax.dynamic_slice(xp, (0, a, b, 0), (n, *span, gi))[:, ::sh, ::sw]
+    return win.astype(jnp.float32).reshape(n, ho, wo, groups, in_per_group, 1)
+
+  if form == "stacked":
+    wins = jnp.stack([window(t // kw, t % kw) for t in range(kh * kw)])  # [kh*kw, N, ...]
+    dk = jnp.sum(wins * g5[None], axis=(1, 2, 3))  # [kh*kw, G, I, O]
+    return dk.transpose(0, 2, 1, 3).reshape(kh, kw, in_per_group, go)
+
   def tap(t):
-    window = lax.dynamic_slice(xp, (0, t // kw, t % kw, 0), (n, *span, gi))[:, ::sh, ::sw]
-    window = window.astype(jnp.float32).reshape(n, ho, wo, groups, in_per_group, 1)
-    dk = jnp.sum(window * g5, axis=(0, 1, 2))  # [G, I, O]
+    dk = jnp.sum(window(t // kw, t % kw) * g5, axis=(0, 1, 2))  # [G, I, O]
     return dk.transpose(1, 0, 2).reshape(in_per_group, go)
 
   return lax.map(tap, jnp.arange(kh * kw)).reshape(kh, kw, in_per_group, go)
