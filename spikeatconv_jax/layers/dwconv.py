@@ -388,11 +388,12 @@ def depthwise_conv2d_lax_taps(x: jax.Array, kernel: jax.Array, strides: Sequence
   """lax's grouped conv forward and input gradient; the kernel gradient as kh*kw reductions.
 
   Autodiff of a grouped convolution writes its kernel gradient as a convolution with
-  batch_group_count = groups. XLA:GPU hands that to cuDNN or expands it into an ordinary
-  convolution over all channel pairs; JAX reports the backward of grouped convs on CUDA as slow
-  as a dense conv's (jax-ml/jax#13800). Here it is one reduction over N, H', W' per kernel
-  offset instead: memory-bound, kh*kw reads of x and the cotangent. `auto` picks this form on
-  GPUs. Same arguments, result and gradients as `depthwise_conv2d_lax`.
+  batch_group_count = groups. JAX's tracker reports the backward of grouped convs on CUDA as
+  slow as a dense conv's (jax-ml/jax#13800), and the first H200 run of the base train step with
+  plain lax reached 0.15 % MFU (docs/RESULTS.md; not profiled, so not proven to be this). Here
+  the kernel gradient is one reduction over N, H', W' per kernel offset instead: memory-bound,
+  kh*kw reads of x and the cotangent. `auto` picks this form on GPUs. Same arguments, result
+  and gradients as `depthwise_conv2d_lax`.
   """
   strides = _check(x, kernel, strides)
   kh, kw, c, m = kernel.shape
