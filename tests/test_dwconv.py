@@ -378,8 +378,9 @@ def _conv_group_counts(jaxpr) -> list[tuple[int, int]]:
 def test_gpu_train_step_has_no_batch_grouped_convolution(monkeypatch, form):
   """What a GPU traces (the backend is read at trace time; nothing is compiled here): with `auto`,
   the depthwise convs and MBPL's merge keep lax's grouped forward and input gradient, and their
-  kernel gradients are per-offset reductions, not the batch-grouped convolutions that XLA:GPU
-  runs about as slowly as dense ones. Plain lax (form="lax") shows that the check finds them."""
+  kernel gradients are per-offset reductions, not the batch-grouped convolutions reported as
+  slow as dense ones on CUDA (jax-ml/jax#13800). Plain lax (form="lax") shows that the check
+  finds them."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   cfg = model_config(variant="nano", spk="mbpl", attention="sisa", num_classes=10)
   cfg.attention.partition = 4
@@ -431,3 +432,45 @@ def test_tap_kernel_gradient_forms_agree(monkeypatch, groups_in, mult, stride):
   conv = lambda k: dwconv._grouped_conv(x, k, (stride, stride), c, False)
   (want,) = jax.vjp(conv, kern)[1](g)
   np.testing.assert_allclose(got["loop"], want, atol=1e-4, rtol=1e-5)
+
+
+def test_gpu_forms_compute_what_the_cpu_forms_compute(monkeypatch):
+  """The whole nano train-mode forward and its gradients, traced as a GPU would (lax_taps
+  depthwise convs, nn.LayerNorm, autodiff's dense and conv gradients) and run here, equal the
+  CPU forms' (native kernels, CPULayerNorm, patch gradients). Spike-free, so no threshold
+  crossing can flip between the two summation orders."""
+  cfg = model_config(variant="nano", spk="none", attention="softmax", num_classes=10)
+  cfg.attention.partition = 4
+  m = models.build(cfg)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
+  w = jax.random.normal(jax.random.PRNGKey(1), (2, 10))
+  variables = m.init(jax.random.PRNGKey(2), x, train=False)
+
+  def value_and_grad():  # traced afresh on each call: the backend is read while tracing
+    def loss(params):
+      out, _ = m.apply(
+        {"params": params, "batch_stats": variables.get("batch_stats", {})},
+        x,
+        train=True,
+        rngs={"dropout": jax.random.PRNGKey(3)},
+        mutable=["batch_stats", "spikes"],
+      )
+      return jnp.sum(out * w)
+
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+  cpu_loss, cpu_grads = value_and_grad()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert dwconv.implementation((16, 16), 2) == "lax_taps"
+  gpu_loss, gpu_grads = value_and_grad()
+  np.testing.assert_allclose(gpu_loss, cpu_loss, rtol=1e-5, atol=1e-5)
+  flat_cpu = jax.tree_util.tree_flatten_with_path(cpu_grads)[0]
+  flat_gpu = jax.tree_util.tree_leaves(gpu_grads)
+  assert len(flat_cpu) == len(flat_gpu)
+  # Absolute slack from the largest gradient: some are zero up to rounding (biases before
+  # BatchNorm), where a relative bound means nothing.
+  scale = max(float(np.abs(g).max()) for _, g in flat_cpu)
+  for (path, want), got in zip(flat_cpu, flat_gpu, strict=True):
+    np.testing.assert_allclose(
+      got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path)
+    )
