@@ -40,11 +40,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
+import gzip
 import json
 import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -155,10 +158,6 @@ def top_ops(events: list[dict], top: int) -> dict:
 
 def profile_step(fn, top: int) -> dict:
   """Runs `fn` once under jax.profiler (perfetto trace in a temp dir) and returns `top_ops`."""
-  import glob
-  import gzip
-  import tempfile
-
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
       jax.block_until_ready(fn())
@@ -263,7 +262,8 @@ def prepare_setting(args, t: int, net: str) -> tuple[dict, dict]:
   out["train_compile_s"] = time.perf_counter() - t0
   out["train_mem_mb"] = _mem_mb(step)
   print(
-    f"compiled {net} T={t}: train step {out['train_compile_s']:.1f} s, {out['train_mem_mb']} MB",
+    f"compiled {net} T={t}: train step {out['train_compile_s']:.1f} s, "
+    f"{out['train_mem_mb'] or 0:.0f} MB (XLA's estimate)",
     file=sys.stderr,
     flush=True,
   )

@@ -272,13 +272,9 @@ def _input_grad(g: jax.Array, kernel: jax.Array, x_hw, pads, strides) -> jax.Arr
 
 def _dwconv_shift_bwd(strides, res, g):
   x, kernel = res
-  n, h, w, c = x.shape
-  kh, kw, _, m = kernel.shape
-  pads, (ho, wo) = _geometry(x.shape, kernel.shape, strides)
-  sh, sw = strides
-  dx = _input_grad(g, kernel, (h, w), pads, strides)
-
-  dk = _kernel_grad_taps(x, g, (kh, kw), 1, strides).reshape(kh, kw, c, m)
+  pads, _ = _geometry(x.shape, kernel.shape, strides)
+  dx = _input_grad(g, kernel, x.shape[1:3], pads, strides)
+  dk = _kernel_grad_taps(x, g, kernel.shape[:2], 1, strides).reshape(kernel.shape)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
