@@ -84,23 +84,25 @@ def bench_case(x_shape, k_shape, stride, dtype, repeats, warmup):
   impls = dict(IMPLS)
   if jax.default_backend() != "cpu":  # the GPU form with its kernel gradient as a loop of taps
     impls["taps_loop"] = dwconv.depthwise_conv2d_lax_taps
-  for name, impl in impls.items():
-    # TAPS_FORM is read when the backward is traced, i.e. inside the timed functions' first call.
-    dwconv.TAPS_FORM = "loop" if name == "taps_loop" else "auto"
-    conv = lambda x, k, impl=impl: impl(x, k, strides)
-    fwd = jax.jit(conv)
-    y_shape = jax.eval_shape(conv, x, k).shape
-    g = jax.random.normal(kg, y_shape, dtype)
+  try:
+    for name, impl in impls.items():
+      # TAPS_FORM is read when the backward is traced, i.e. inside the timed functions' first call.
+      dwconv.TAPS_FORM = "loop" if name == "taps_loop" else "auto"
+      conv = lambda x, k, impl=impl: impl(x, k, strides)
+      fwd = jax.jit(conv)
+      y_shape = jax.eval_shape(conv, x, k).shape
+      g = jax.random.normal(kg, y_shape, dtype)
 
-    def fwd_bwd(x, k, g, conv=conv):
-      y, vjp = jax.vjp(conv, x, k)
-      return y, vjp(g)
+      def fwd_bwd(x, k, g, conv=conv):
+        y, vjp = jax.vjp(conv, x, k)
+        return y, vjp(g)
 
-    result[name] = dict(
-      fwd_s=time_fn(fwd, (x, k), repeats, warmup),
-      fwd_bwd_s=time_fn(jax.jit(fwd_bwd), (x, k, g), repeats, warmup),
-    )
-  dwconv.TAPS_FORM = "auto"
+      result[name] = dict(
+        fwd_s=time_fn(fwd, (x, k), repeats, warmup),
+        fwd_bwd_s=time_fn(jax.jit(fwd_bwd), (x, k, g), repeats, warmup),
+      )
+  finally:
+    dwconv.TAPS_FORM = "auto"
   n, ho, wo, cm = y_shape
   flops = 2 * k_shape[0] * k_shape[1] * n * ho * wo * cm
   return flops, result

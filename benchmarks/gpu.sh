@@ -60,4 +60,5 @@ for spec in "1 $BATCH" "2 $BATCH_T2"; do
     "${peak_args[@]}" || echo "benchmarks/gpu.sh: T=$t stopped (rc $?)" >&2
 done
 timeout "$(left)" "$PY" benchmarks/dwconv.py --models base --dtype bfloat16 --repeats 5 \
-  --warmup 1 --cases "${DWCONV_CASES:-block}" || echo "benchmarks/gpu.sh: dwconv.py stopped (rc $?)" >&2
+  --warmup 1 --cases "${DWCONV_CASES-block}" ||
+  echo "benchmarks/gpu.sh: dwconv.py stopped (rc $?)" >&2
