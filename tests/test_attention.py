@@ -153,3 +153,41 @@ def test_avg_pool_same_odd_map():
   assert y.shape == (1, 2, 2, 1)
   # Padding is not counted: the corner window holds only x[2, 2] = 8.
   np.testing.assert_allclose(np.asarray(y)[0, :, :, 0], [[2.0, 3.5], [6.5, 8.0]])
+
+
+def test_spk_outputs_are_computed_before_the_partition_transposes(monkeypatch):
+  # On XLA:CPU the q/k/v SPK outputs pass `common.value_barrier` before the grid partition:
+  # they are computed once in their own layout instead of inside the partition's transpose
+  # (docs/RESULTS.md). Same values and gradients either way.
+  from spikeatconv_jax.layers import dwconv_native
+
+  if jax.default_backend() != "cpu" or not dwconv_native.available():
+    pytest.skip(f"needs the native CPU library: {dwconv_native.unavailable_reason()}")
+  spk = spk_config("mbpl")
+  mod = att.Attention("sisa", "grid", 2, head_dim=4, scale=0.125, spk=spk)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 4, 4, 8)) * 2
+  v = mod.init(jax.random.PRNGKey(1), x, train=False)
+
+  def compiled():
+    def loss(params, x):
+      y, _ = mod.apply(
+        {"params": params, "batch_stats": v["batch_stats"]},
+        x,
+        train=True,
+        mutable=["batch_stats", "spikes"],
+      )
+      return jnp.sum(y * x)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(v["params"], x).compile()
+
+  with_barrier = compiled()
+  monkeypatch.setattr(common, "value_barrier", lambda z: z)
+  without = compiled()
+  n_barriers = lambda c: c.as_text().count('custom_call_target="spikeatconv_dwconv_barrier"')
+  assert n_barriers(with_barrier) == n_barriers(without) + 3  # q, k, v
+  for a, b in zip(
+    jax.tree_util.tree_leaves(with_barrier(v["params"], x)),
+    jax.tree_util.tree_leaves(without(v["params"], x)),
+    strict=True,
+  ):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -98,19 +98,21 @@ def test_gelu_is_the_exact_gelu(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_cotangent_barrier_is_the_identity(dtype):
+@pytest.mark.parametrize("barrier", ["cotangent_barrier", "value_barrier"])
+def test_barriers_are_the_identity(dtype, barrier):
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 5)).astype(dtype)
+  barrier = getattr(common, barrier)
 
   def f(barrier):
     return lambda x: jnp.sum(jnp.sin(barrier(x) * 3).astype(jnp.float32))
 
   for wrap in (jax.jit, lambda f: f):
     y0, g0 = wrap(jax.value_and_grad(f(lambda x: x)))(x)
-    y1, g1 = wrap(jax.value_and_grad(f(common.cotangent_barrier)))(x)
+    y1, g1 = wrap(jax.value_and_grad(f(barrier)))(x)
     assert g1.dtype == dtype
     np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
     np.testing.assert_array_equal(np.asarray(g1, np.float32), np.asarray(g0, np.float32))
-  g = jax.vmap(jax.grad(lambda v: jnp.sum(common.cotangent_barrier(v) ** 2)))(x.astype(jnp.float32))
+  g = jax.vmap(jax.grad(lambda v: jnp.sum(barrier(v) ** 2)))(x.astype(jnp.float32))
   np.testing.assert_allclose(np.asarray(g), 2 * np.asarray(x, np.float32), rtol=1e-6)
 
 

@@ -93,24 +93,32 @@ def test_rolled_scan_beyond_unroll_limit():
 
 
 @pytest.mark.parametrize("t", [4, 11])
-def test_residuals_are_only_the_pre_spike_potentials(t):
-  # Up to MAX_UNROLL steps the residuals are H per step ([...] each), beyond it the rolled
-  # scan's stacked H ([T, ...]): either way exactly H, nothing else.
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_residuals_are_the_input_or_the_pre_spike_potentials(t, dtype):
+  # Up to MAX_UNROLL steps the only residual is the input itself (the backward recomputes H
+  # from it); beyond it the rolled scan's stacked float32 H ([T, ...]). Nothing else is kept.
   x, _ = _inputs(t, n=24)
+  x = x.astype(dtype)
   _, vjp = jax.vjp(lambda x: lif_multistep(x, detach_reset=False), x)
   res = jax.tree_util.tree_leaves(vjp)
-  _, h_ref, _ = lif_multistep_reference(x, detach_reset=False)
-  assert all(r.dtype == jnp.float32 for r in res)
   if t <= lif_mod.MAX_UNROLL:
-    assert [r.shape for r in res] == [x.shape[1:]] * t
-    h = jnp.stack(res)
+    assert [(r.shape, r.dtype) for r in res] == [(x.shape, x.dtype)]
+    np.testing.assert_array_equal(np.asarray(res[0]), np.asarray(x))
   else:
-    assert [r.shape for r in res] == [x.shape]
-    h = res[0]
-  np.testing.assert_array_equal(np.asarray(h), np.asarray(h_ref))
+    _, h_ref, _ = lif_multistep_reference(x, detach_reset=False)
+    assert [(r.shape, r.dtype) for r in res] == [(x.shape, jnp.float32)]
+    np.testing.assert_array_equal(np.asarray(res[0]), np.asarray(h_ref))
   # Sanity check of the method: plain autodiff through the scan does keep more.
   _, vjp_ref = jax.vjp(lambda x: lif_multistep_reference(x, detach_reset=False)[0], x)
   assert sum(r.size for r in jax.tree_util.tree_leaves(vjp_ref)) > x.size
+
+
+@pytest.mark.parametrize("t", [1, 2, 4])
+def test_spikes_stacked_by_select_equal_a_stack(t):
+  parts = [jax.random.normal(jax.random.PRNGKey(i), (3, 5)) for i in range(t)]
+  np.testing.assert_array_equal(
+    np.asarray(lif_mod._stack_by_select(parts)), np.asarray(jnp.stack(parts))
+  )
 
 
 MBPL_THRESHOLDS = (0.25, 1.0, 2.0, 4.0)
@@ -152,14 +160,13 @@ def test_multithreshold_is_k_separate_lifs(v_reset, detach_reset, t):
 
 
 @pytest.mark.parametrize("t", [1, 3])
-def test_multithreshold_shares_the_first_potential(t):
-  # Every neuron charges from V_0, so they share H_1: one residual for step 1, not K. From
-  # step 2 the resets differ per neuron: one H each.
+def test_multithreshold_keeps_one_residual_for_all_neurons(t):
+  # K neurons on one input keep one residual, the input, not K potentials per step (the
+  # backward recomputes every neuron's H from it).
   x, _ = _inputs(t, n=24)
   _, vjp = jax.vjp(lambda x: lif_multithreshold(x, v_thresholds=MBPL_THRESHOLDS), x)
   res = jax.tree_util.tree_leaves(vjp)
-  assert len(res) == 1 + (t - 1) * len(MBPL_THRESHOLDS)
-  assert all((r.shape, r.dtype) == (x.shape[1:], jnp.float32) for r in res)
+  assert [(r.shape, r.dtype) for r in res] == [(x.shape, x.dtype)]
 
 
 def _lif_bf16_membrane(x):

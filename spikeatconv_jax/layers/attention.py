@@ -178,7 +178,7 @@ class Attention(nn.Module):
       q, k, v = qkv
 
     def heads_of(z):  # [T, B, H, W, C] -> [G, N, h, d]
-      z = partition(common.fold(z), p, self.partition)
+      z = partition(common.fold(common.value_barrier(z)), p, self.partition)
       return z.reshape(z.shape[0], z.shape[1], heads, self.head_dim)
 
     bias = RelativePositionBias(heads, p, name="rel_pos")()

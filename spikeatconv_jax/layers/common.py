@@ -81,6 +81,34 @@ def _cotangent_barrier_bwd(_, g):
 cotangent_barrier.defvjp(_cotangent_barrier_fwd, _cotangent_barrier_bwd)
 
 
+@jax.custom_vjp
+def value_barrier(x: jax.Array) -> jax.Array:
+  """The identity; on XLA:CPU it has `x` computed once, into a buffer in its own layout.
+
+  The forward counterpart of `cotangent_barrier`: XLA:CPU fuses a cheap elementwise producer
+  into its consumer even when the consumer is a transpose, and then evaluates the producer in
+  the transpose's strided order. An SPK output feeding attention's grid partition (count +
+  γ·LN(merge), and at T > 1 the LIF steps before it) became such a fusion, e.g. 40 ms for one
+  f32[256, 4, 32, 49] key map of the tiny T=2 train step. Behind the barrier the SPK output is
+  one contiguous elementwise pass and the partition a plain copy. The identity elsewhere (and
+  its gradient is the identity everywhere).
+  """
+  if jax.default_backend() == "cpu" and dwconv_native.available():
+    return dwconv_native.fusion_barrier(x)
+  return x
+
+
+def _value_barrier_fwd(x):
+  return value_barrier(x), None
+
+
+def _value_barrier_bwd(_, g):
+  return (g,)
+
+
+value_barrier.defvjp(_value_barrier_fwd, _value_barrier_bwd)
+
+
 _INV_SQRT2 = 0.7071067811865476
 
 

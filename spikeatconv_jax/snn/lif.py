@@ -6,11 +6,12 @@
   reset   hard: V_t = S̃_t V_reset + (1 - S̃_t) H_t;  soft (v_reset=None): V_t = H_t - S̃_t V_th
   with S̃ = stop_gradient(S) when detach_reset, and V_0 = V_reset (0 for soft reset).
 
-`lif_multistep` is one `jax.custom_vjp` over the whole scan. The forward keeps only the
-pre-spike potentials H (float32, [T, ...]) as residuals; the backward is a reverse scan
-that rebuilds every local derivative from H. Autodiff through a plain scan would also keep
-V and S for every step. `lif_multistep_reference` is that plain scan, kept for tests.
-Up to MAX_UNROLL steps both scans are traced step by step, with per-step residuals (below).
+`lif_multistep` is one `jax.custom_vjp` over the whole scan. Up to MAX_UNROLL steps (every
+paper setting) the scan is traced step by step and the only residual is the input X: the
+backward recomputes the pre-spike potentials H from it and then runs the reverse scan, which
+rebuilds every local derivative from H. Longer inputs take a rolled scan that keeps H (float32,
+[T, ...]) as its residual. Autodiff through a plain scan would also keep V and S for every step.
+`lif_multistep_reference` is that plain scan, kept for tests.
 """
 
 from __future__ import annotations
@@ -64,40 +65,65 @@ def _v0(x, p: LIFParams):
   return jnp.full(x.shape[1:], vr, jnp.float32)
 
 
+def _step(vs, xt, p: LIFParams):
+  """One step for every neuron: (new potentials V_t, (spikes S_t, pre-spike potentials H_t))."""
+  hs = [_charge(v, xt, p) for v in vs]
+  ss = [heaviside(h - th) for h, th in zip(hs, p.v_thresholds, strict=True)]
+  vs = tuple(_reset(h, s, th, p) for h, s, th in zip(hs, ss, p.v_thresholds, strict=True))
+  return vs, (tuple(ss), tuple(hs))
+
+
+def _unrolled(xf, p: LIFParams) -> list[tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]]:
+  """The scan traced step by step on float32 inputs: per step, (S_t, H_t) per neuron."""
+  vs = tuple(_v0(xf, p) for _ in p.v_thresholds)
+  out = []
+  for t in range(xf.shape[0]):
+    vs, st_ht = _step(vs, xf[t], p)
+    out.append(st_ht)
+  return out
+
+
+def _stack_by_select(parts: list[jax.Array]) -> jax.Array:
+  """jnp.stack(parts) written as one elementwise expression over [T, ...] (select on the step
+  index), not a concatenation. XLA:CPU materialises a concatenation's result, so stacked float
+  spikes would be written out before their consumers (MBPL's int8 cast, spike count, rates) read
+  them back; an elementwise stack fuses into each consumer, as the T=1 reshape does."""
+  shape = (len(parts),) + parts[0].shape
+  if len(parts) == 1:
+    return parts[0].reshape(shape)
+  step = lax.broadcasted_iota(jnp.int32, shape, 0)
+  out = jnp.broadcast_to(parts[-1], shape)
+  for t in range(len(parts) - 2, -1, -1):
+    out = jnp.where(step == t, jnp.broadcast_to(parts[t], shape), out)
+  return out
+
+
 def _forward(x, p: LIFParams):
-  """Returns (K spike trains [T, ...] in x.dtype, residuals H).
+  """Returns (K spike trains [T, ...] in x.dtype, residual).
 
-  The residuals are the pre-spike potentials H (float32). Up to MAX_UNROLL steps they are kept
-  per step, a tuple over t of per-neuron tuples, with one H at t=0: every neuron starts from
-  V_0 and so shares H_1. Beyond it they are the rolled scan's stacked [T, ...] array per neuron.
+  Up to MAX_UNROLL steps the residual is the input x itself: the backward recomputes the
+  potentials H from it (elementwise, fused into its own pass), so the forward writes no float32
+  H maps (K per step after the first) and the backward reads T input maps instead. Beyond it the
+  residuals are the rolled scan's stacked pre-spike potentials H [T, ...] per neuron.
   """
-  ths = p.v_thresholds
-
-  def step(vs, xt):
-    hs = [_charge(v, xt, p) for v in vs]
-    ss = [heaviside(h - th) for h, th in zip(hs, ths, strict=True)]
-    vs = tuple(_reset(h, s, th, p) for h, s, th in zip(hs, ss, ths, strict=True))
-    return vs, (tuple(s.astype(x.dtype) for s in ss), tuple(hs))
-
   # Upcast the whole input once, before slicing it into steps: with per-step converts of
   # bf16 slices, XLA:CPU copies every slice x[t] into its own buffer first (an extra pass).
   xf = x.astype(jnp.float32)
-  v0 = tuple(_v0(x, p) for _ in ths)
-  t_steps = x.shape[0]
-  if t_steps > MAX_UNROLL:
-    _, (ss, hs) = lax.scan(step, v0, xf)
+  if x.shape[0] > MAX_UNROLL:
+
+    def step(vs, xt):
+      vs, (ss, hs) = _step(vs, xt, p)
+      return vs, (tuple(s.astype(x.dtype) for s in ss), hs)
+
+    _, (ss, hs) = lax.scan(step, tuple(_v0(xf, p) for _ in p.v_thresholds), xf)
     return ss, hs
-  # Small T: the scan's steps traced one by one. The scan's stacked [T, ...] potentials would be
-  # concatenated in the forward and sliced again in the backward, and XLA:CPU materialises every
-  # concatenation (one f32 [T, ...] array per neuron: 13.0 vs 9.5 GB compiled temporaries for
-  # the tiny spiking train step at T=2). Per-step values fuse into their consumers instead.
-  vs, ss, hs = v0, [], []
-  for t in range(t_steps):
-    vs, (s_t, h_t) = step(vs, xf[t])
-    ss.append(s_t)
-    hs.append(h_t[:1] if t == 0 else h_t)
-  spikes = tuple(jnp.stack(s_k) for s_k in zip(*ss, strict=True))
-  return spikes, tuple(hs)
+  # Small T: the steps traced one by one (a rolled scan runs 2-8x slower on XLA:CPU).
+  steps = _unrolled(xf, p)
+  spikes = tuple(
+    _stack_by_select([s.astype(x.dtype) for s in s_k])
+    for s_k in zip(*(ss for ss, _ in steps), strict=True)
+  )
+  return spikes, x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -109,7 +135,7 @@ def _lif_fwd(x, p: LIFParams):
   return _forward(x, p)
 
 
-def _lif_bwd(p: LIFParams, hs, gs):
+def _lif_bwd(p: LIFParams, res, gs):
   """Reverse scan. Carry: dL/dV_t of each neuron. Per step and neuron (u = H_t - V_th,
   σ' = surrogate'(u)):
 
@@ -148,18 +174,20 @@ def _lif_bwd(p: LIFParams, hs, gs):
 
   # As in the forward: upcast the cotangents once, not one slice per step.
   gf = tuple(g.astype(jnp.float32) for g in gs)
-  hs = lax.optimization_barrier(hs)
   t_steps = gf[0].shape[0]
   if t_steps > MAX_UNROLL:
+    hs = lax.optimization_barrier(res)
     g0 = tuple(jnp.zeros(h.shape[1:], jnp.float32) for h in hs)
     _, gx = lax.scan(step, g0, (hs, gf), reverse=True)
     return (gx,)
-  # Small T: per-step residuals (see _forward), the reverse steps traced one by one; the
-  # last step starts with no dL/dV (nothing flows back from V_T).
+  # Small T: the residual is the input; recompute H per step (the barrier keeps XLA from
+  # reusing the forward's H instead, which would keep them alive as residuals after all), then
+  # the reverse steps one by one. The last step starts with no dL/dV (nothing flows back).
+  x = lax.optimization_barrier(res)
+  hs = [ht for _, ht in _unrolled(x.astype(jnp.float32), p)]
   gvs, gx = (None,) * len(ths), [None] * t_steps
   for t in reversed(range(t_steps)):
-    hts = hs[t] * len(ths) if t == 0 else hs[t]  # step 0: one H shared by every neuron
-    gvs, gx[t] = step(gvs, (hts, tuple(g[t] for g in gf)))
+    gvs, gx[t] = step(gvs, (hs[t], tuple(g[t] for g in gf)))
   return (jnp.stack(gx),)
 
 
@@ -247,8 +275,9 @@ def lif_multithreshold(
   """K LIF neurons driven by the same currents `x` [T, ...], one per threshold (MBPL's
   branches, DESIGN.md §3): the same spikes and gradients as K `lif_multistep` calls.
 
-  One custom VJP serves all K: it keeps one H_1 for all of them (they all start from V_0), and
-  its backward sums the K input gradients in the same elementwise pass. (XLA:CPU fuses K
+  One custom VJP serves all K: it keeps one residual for all of them (the input, or beyond
+  MAX_UNROLL steps each neuron's H), and its backward sums the K input gradients in the same
+  elementwise pass. (XLA:CPU fuses K
   separate LIFs the same way; this states it in the graph instead of relying on XLA's CSE.)
 
   Args:
