@@ -197,13 +197,25 @@ def test_module_params_and_dispatch(monkeypatch):
 
 
 @pytest.mark.parametrize(
-  "c,stride,w", [(115, 1, 8), (115, 2, 8), (48, 2, 8), (256, 1, 8), (259, 1, 117), (259, 2, 117)]
+  "c,stride,w",
+  [
+    (115, 1, 8),
+    (115, 2, 8),
+    (48, 2, 8),
+    (256, 1, 8),
+    (256, 2, 20),
+    (512, 1, 117),
+    (259, 1, 117),
+    (259, 2, 117),
+  ],
 )
 def test_native_vector_paths_match_lax(c, stride, w):
   """The native loops run 64-, 32- and 16-channel register blocks and a scalar tail:
   115 = 64 + 32 + 16 + 3 takes every path; 256 runs several 64-blocks. A 117-wide row has
   interior and edge blocks (the last one partial), and there the forward splits the 256 vector
-  channels into two chunks (160 + 96) before the 3-channel tail."""
+  channels into two chunks (160 + 96) before the 3-channel tail. 256 and 512 float channels
+  (pixels a multiple of 1 KiB apart) take the packed forward: 9 rows are two bands of output
+  rows, and at 117 wide the 512 channels are split into 80-channel chunks (the last 32)."""
   x, k, kg = _inputs((2, 9, w, c), (7, 7, c, 1), seed=3)
   _, (y, dx, dk) = _compare(x, k, kg, (stride, stride), atol=1e-4, rtol=1e-5, impl="native")
   assert y.shape == (2, -(-9 // stride), -(-w // stride), c)
@@ -299,13 +311,16 @@ def test_branch_sum_equals_separate_convs(impl, h, w, c, k, s):
   np.testing.assert_allclose(got_dk, want_dk, atol=1e-4, rtol=1e-5, err_msg="dk")
 
 
-@pytest.mark.parametrize("h,w,c,s", [(8, 9, 5, 1), (9, 21, 40, 1), (9, 21, 40, 2)])
+@pytest.mark.parametrize(
+  "h,w,c,s", [(8, 9, 5, 1), (9, 21, 40, 1), (9, 21, 40, 2), (10, 9, 1024, 1), (10, 9, 1024, 2)]
+)
 @pytest.mark.parametrize("values", ["spikes", "sparse", "signed"])
 def test_native_branch_sum_of_integer_inputs_reads_them_as_int8(h, w, c, s, values):
   # MBPL's 0/1 spikes, and signed integers up to int8's range: the native kernels read (and the
   # backward keeps) them as int8 and give the float32 result exactly (integers are exact either
   # way, and the float path runs the same FMA order). "sparse": MBPL's upper thresholds at
-  # initialisation: rare spikes, and one silent branch.
+  # initialisation: rare spikes, and one silent branch. 1024 int8 channels take the packed
+  # forward (float32 at 1024 channels too: the float and int8 results are still equal).
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   if values in ("spikes", "sparse"):
     rates = (0.3, 0.3, 0.3, 0.3) if values == "spikes" else (0.3, 0.02, 0.002, 0.0)

@@ -174,18 +174,38 @@ inline bool Interior(const Geometry& g, int64_t j0) {
   return j0 + kBlock <= g.wo && j0 * S - g.pl >= 0 && (j0 + kBlock - 1) * S + KW - 1 - g.pl < g.w;
 }
 
+// Where the blocked forward reads input row (n, hi): the input itself (pixel stride C), or a
+// packed copy of some rows and a channel range [c_lo, ...) with a padded pixel stride.
+template <typename TX>
+struct XRows {
+  const TX* base;
+  int64_t n_stride, row_stride, pix;  // elements between images, rows and pixels
+  int64_t hi0, c_lo;                  // first row and channel held
+  const TX* row(int64_t n, int64_t hi) const {
+    return base + n * n_stride + (hi - hi0) * row_stride - c_lo;
+  }
+};
+
+template <typename TX>
+XRows<TX> Unpacked(const Geometry& g, const TX* x) {
+  return XRows<TX>{x, g.h * g.w * g.c, g.w * g.c, g.c, 0, 0};
+}
+
+// Always inlined: as a call (GCC's choice once the packed forward instantiates it a second
+// time) the blocked forward ran at less than half its inlined rate.
 template <int KW, int S, bool kEdge, bool kAdd, typename TX>
-inline void FwdBlock(const Geometry& g, const TX* x, const float* w, float* y, int64_t n,
+__attribute__((always_inline)) inline void FwdBlock(const Geometry& g, const XRows<TX> xr, const float* w, float* y, int64_t n,
                      int64_t i, int64_t j0, int64_t c0, int64_t valid) {
   constexpr int P = kBlock;
   const int64_t col0 = j0 * S - g.pl;
+  const int64_t pix = xr.pix;
   float* yp = y + ((n * g.ho + i) * g.wo + j0) * g.c + c0;
   v16 acc[P];
   for (int p = 0; p < P; ++p) acc[p] = kAdd && (!kEdge || p < valid) ? load(yp + p * g.c) : v16{};
   for (int64_t a = 0; a < g.kh; ++a) {
     const int64_t hi = i * g.sh + a - g.pt;
     if (hi < 0 || hi >= g.h) continue;
-    const TX* xrow = x + ((n * g.h + hi) * g.w + col0) * g.c + c0;
+    const TX* xrow = xr.row(n, hi) + col0 * pix + c0;
     const float* wrow = w + (a * KW) * g.c + c0;
     v16 wr[KW];
 #pragma GCC unroll 16
@@ -193,7 +213,7 @@ inline void FwdBlock(const Geometry& g, const TX* x, const float* w, float* y, i
 #pragma GCC unroll 32
     for (int q = 0; q < S * (P - 1) + KW; ++q) {
       if (kEdge && (col0 + q < 0 || col0 + q >= g.w)) continue;
-      const v16 xq = load(xrow + q * g.c);
+      const v16 xq = load(xrow + q * pix);
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
         const int b = q - S * p;
@@ -213,7 +233,7 @@ inline void FwdBlock(const Geometry& g, const TX* x, const float* w, float* y, i
 // (edge blocks skip the padding). The channel slices are the inner loop, so consecutive blocks
 // read consecutive cache lines of the same input pixels.
 template <int KW, int S, bool kAdd, typename TX>
-void FwdRowT(const Geometry& g, const TX* x, const float* w, float* y, int64_t n, int64_t i,
+void FwdRowT(const Geometry& g, const XRows<TX> x, const float* w, float* y, int64_t n, int64_t i,
              int64_t c_lo, int64_t c_hi) {
   for (int64_t j = 0; j < g.wo; j += kBlock) {
     if (Interior<KW, S>(g, j)) {
@@ -229,11 +249,23 @@ void FwdRowT(const Geometry& g, const TX* x, const float* w, float* y, int64_t n
 
 // `add` is a template argument of the blocks, so the plain (K=1) conv compiles as before.
 template <int KW, int S, typename TX>
-void FwdRow(const Geometry& g, const TX* x, const float* w, float* y, int64_t n, int64_t i,
+void FwdRow(const Geometry& g, const XRows<TX> x, const float* w, float* y, int64_t n, int64_t i,
             int64_t c_lo, int64_t c_hi, bool add) {
   if (add) FwdRowT<KW, S, true>(g, x, w, y, n, i, c_lo, c_hi);
   else FwdRowT<KW, S, false>(g, x, w, y, n, i, c_lo, c_hi);
 }
+
+// Input pixels a power-of-two multiple of 1 KiB apart (C = 256 floats, 1024 int8 values, and
+// more) map the blocked forward's column loads to a few L1 sets, so each block's ~100 input
+// lines evict one another and the prefetched ones: [8, 14, 14, 1024] x 4 branches ran at 116
+// GFLOP/s (input gradient) against 319 with 1008 channels. Such inputs are read from a packed
+// copy of each band of rows with a padded pixel stride instead (docs/RESULTS.md).
+template <typename TX>
+bool PackRows(const Geometry& g) {
+  const int64_t bytes = g.c * int64_t{sizeof(TX)};
+  return bytes >= 1024 && bytes % 1024 == 0;
+}
+constexpr int64_t kBandRows = 8;  // output rows per packed band
 
 // Channels per chunk for the blocked rows: the kh input rows an output row reads, over one
 // chunk, should stay in L2 (about 512 KiB of them) while consecutive output rows reuse them.
@@ -251,6 +283,64 @@ struct Term {
   bool add;
 };
 
+// The tail channels (past the last multiple of 16) of one output row, pixel by pixel.
+template <typename TX>
+void FwdRowTail(const Geometry& g, const Term<TX>& t, int64_t n, int64_t i, int64_t c_vec) {
+  for (int64_t j = 0; j < g.wo; ++j) {
+    ChannelBlocks(
+        c_vec, g.c,
+        [&](auto v, int64_t c) { FwdPixel<decltype(v)::value>(g, t.x, t.w, t.y, n, i, j, c, t.add); },
+        [&](int64_t c) { FwdPixelScalar(g, t.x, t.w, t.y, n, i, j, c, t.add); });
+  }
+}
+
+// Forward for PackRows inputs. Work items: (channel chunk, image, band of kBandRows output
+// rows). Each item copies the input rows its band reads, over its channels, into a per-part
+// buffer with a pixel stride of chunk + 64 bytes (one input per run of terms sharing it, so the
+// input gradient's B terms on one cotangent pack it once), then runs the blocked rows on it.
+template <typename TX>
+void ForwardPacked(const Geometry& g, const std::vector<Term<TX>>& terms, ffi::ThreadPool& pool,
+                   int64_t c_vec) {
+  const int64_t band_in = (kBandRows - 1) * g.sh + g.kh;  // input rows a band reads
+  const int64_t fit = (int64_t{512} * 1024 / (band_in * g.w * int64_t{sizeof(TX)})) / 16 * 16;
+  const int64_t chunk = std::min(c_vec, std::max<int64_t>(16, fit));
+  const int64_t chunks = (c_vec + chunk - 1) / chunk;
+  const int64_t cs = chunk + 64 / int64_t{sizeof(TX)};
+  const int64_t bands = (g.ho + kBandRows - 1) / kBandRows;
+  const int64_t items = chunks * g.n * bands;
+  const int64_t parts = std::max<int64_t>(1, std::min(Parts(pool), items));
+  std::vector<std::vector<TX>> buffers(static_cast<size_t>(parts));
+  ParallelFor(pool, items, parts, [&](int64_t begin, int64_t end, int64_t part) {
+    std::vector<TX>& buf = buffers[part];
+    buf.resize(static_cast<size_t>(band_in * g.w * cs));
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t k = u / (g.n * bands), n = (u / bands) % g.n, band = u % bands;
+      const int64_t c_lo = k * chunk, c_hi = std::min(c_vec, c_lo + chunk);
+      const int64_t i0 = band * kBandRows, i1 = std::min(g.ho, i0 + kBandRows);
+      const int64_t hi0 = std::max<int64_t>(0, i0 * g.sh - g.pt);
+      const int64_t hi1 = std::min(g.h, (i1 - 1) * g.sh - g.pt + g.kh);
+      const XRows<TX> xr{buf.data(), 0, g.w * cs, cs, hi0, c_lo};
+      const TX* packed = nullptr;
+      for (const Term<TX>& t : terms) {
+        if (t.x != packed) {
+          for (int64_t hi = hi0; hi < hi1; ++hi) {
+            const TX* src = t.x + ((n * g.h + hi) * g.w) * g.c + c_lo;
+            TX* dst = buf.data() + (hi - hi0) * g.w * cs;
+            for (int64_t q = 0; q < g.w; ++q)
+              std::memcpy(dst + q * cs, src + q * g.c, sizeof(TX) * (c_hi - c_lo));
+          }
+          packed = t.x;
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          if (g.sw == 1) FwdRow<7, 1>(g, xr, t.w, t.y, n, i, c_lo, c_hi, t.add);
+          else FwdRow<7, 2>(g, xr, t.w, t.y, n, i, c_lo, c_hi, t.add);
+          if (k == chunks - 1 && c_vec < g.c) FwdRowTail(g, t, n, i, c_vec);
+        }
+      }
+    }
+  });
+}
+
 // Work items: (channel chunk, output row) pairs, chunk-major, so that each thread's contiguous
 // range walks down the rows of one chunk; each item runs every term on its row, so a branch
 // sum accumulates in cache and the branches of one input reuse its rows from cache. Channels
@@ -260,6 +350,7 @@ template <typename TX>
 void Forward(const Geometry& g, const std::vector<Term<TX>>& terms, ffi::ThreadPool& pool) {
   const bool blocked = g.kw == 7 && (g.sw == 1 || g.sw == 2);
   const int64_t c_vec = blocked ? g.c / 16 * 16 : 0;
+  if (c_vec > 0 && PackRows<TX>(g)) return ForwardPacked(g, terms, pool, c_vec);
   const int64_t chunk = c_vec > 0 ? ChunkChannels(g, c_vec) : 1;
   const int64_t chunks = c_vec > 0 ? (c_vec + chunk - 1) / chunk : 1;
   const int64_t rows = g.n * g.ho;
@@ -270,8 +361,8 @@ void Forward(const Geometry& g, const std::vector<Term<TX>>& terms, ffi::ThreadP
       for (const Term<TX>& t : terms) {
         if (c_vec > 0) {
           const int64_t c_lo = k * chunk, c_hi = std::min(c_vec, c_lo + chunk);
-          if (g.sw == 1) FwdRow<7, 1>(g, t.x, t.w, t.y, n, i, c_lo, c_hi, t.add);
-          else FwdRow<7, 2>(g, t.x, t.w, t.y, n, i, c_lo, c_hi, t.add);
+          if (g.sw == 1) FwdRow<7, 1>(g, Unpacked(g, t.x), t.w, t.y, n, i, c_lo, c_hi, t.add);
+          else FwdRow<7, 2>(g, Unpacked(g, t.x), t.w, t.y, n, i, c_lo, c_hi, t.add);
         }
         if (k != chunks - 1 || c_vec == g.c) continue;
         for (int64_t j = 0; j < g.wo; ++j) {
