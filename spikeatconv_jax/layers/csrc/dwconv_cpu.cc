@@ -295,7 +295,7 @@ void FwdRowTail(const Geometry& g, const Term<TX>& t, int64_t n, int64_t i, int6
 }
 
 // Forward for PackRows inputs. Work items: (channel chunk, image, band of kBandRows output
-// rows). Each item copies the input rows its band reads, over its channels, into a per-part
+// rows). Each item copies the input rows its band reads, over its channels, into a per-thread
 // buffer with a pixel stride of chunk + 64 bytes (one input per run of terms sharing it, so the
 // input gradient's B terms on one cotangent pack it once), then runs the blocked rows on it.
 template <typename TX>
@@ -309,10 +309,12 @@ void ForwardPacked(const Geometry& g, const std::vector<Term<TX>>& terms, ffi::T
   const int64_t bands = (g.ho + kBandRows - 1) / kBandRows;
   const int64_t items = chunks * g.n * bands;
   const int64_t parts = std::max<int64_t>(1, std::min(Parts(pool), items));
-  std::vector<std::vector<TX>> buffers(static_cast<size_t>(parts));
-  ParallelFor(pool, items, parts, [&](int64_t begin, int64_t end, int64_t part) {
-    std::vector<TX>& buf = buffers[part];
-    buf.resize(static_cast<size_t>(band_in * g.w * cs));
+  ParallelFor(pool, items, parts, [&](int64_t begin, int64_t end, int64_t) {
+    // Kept per thread across calls: under glibc malloc a fresh buffer of this size would be
+    // mapped and page-faulted again on every call.
+    thread_local std::vector<TX> buf;
+    const size_t need = static_cast<size_t>(band_in * g.w * cs);
+    if (buf.size() < need) buf.resize(need);
     for (int64_t u = begin; u < end; ++u) {
       const int64_t k = u / (g.n * bands), n = (u / bands) % g.n, band = u % bands;
       const int64_t c_lo = k * chunk, c_hi = std::min(c_vec, c_lo + chunk);
