@@ -277,8 +277,8 @@ def lif_multithreshold(
 
   One custom VJP serves all K: it keeps one residual for all of them (the input, or beyond
   MAX_UNROLL steps each neuron's H), and its backward sums the K input gradients in the same
-  elementwise pass. (XLA:CPU fuses K
-  separate LIFs the same way; this states it in the graph instead of relying on XLA's CSE.)
+  elementwise pass. (XLA:CPU fuses K separate LIFs the same way; this states it in the graph
+  instead of relying on XLA's CSE.)
 
   Args:
     x: input currents, time-major [T, ...], any float dtype.

@@ -194,8 +194,9 @@ XRows<TX> Unpacked(const Geometry& g, const TX* x) {
 // Always inlined: as a call (GCC's choice once the packed forward instantiates it a second
 // time) the blocked forward ran at less than half its inlined rate.
 template <int KW, int S, bool kEdge, bool kAdd, typename TX>
-__attribute__((always_inline)) inline void FwdBlock(const Geometry& g, const XRows<TX> xr, const float* w, float* y, int64_t n,
-                     int64_t i, int64_t j0, int64_t c0, int64_t valid) {
+__attribute__((always_inline)) inline void FwdBlock(const Geometry& g, const XRows<TX> xr,
+                                                    const float* w, float* y, int64_t n, int64_t i,
+                                                    int64_t j0, int64_t c0, int64_t valid) {
   constexpr int P = kBlock;
   const int64_t col0 = j0 * S - g.pl;
   const int64_t pix = xr.pix;
@@ -289,7 +290,9 @@ void FwdRowTail(const Geometry& g, const Term<TX>& t, int64_t n, int64_t i, int6
   for (int64_t j = 0; j < g.wo; ++j) {
     ChannelBlocks(
         c_vec, g.c,
-        [&](auto v, int64_t c) { FwdPixel<decltype(v)::value>(g, t.x, t.w, t.y, n, i, j, c, t.add); },
+        [&](auto v, int64_t c) {
+          FwdPixel<decltype(v)::value>(g, t.x, t.w, t.y, n, i, j, c, t.add);
+        },
         [&](int64_t c) { FwdPixelScalar(g, t.x, t.w, t.y, n, i, j, c, t.add); });
   }
 }
@@ -366,15 +369,7 @@ void Forward(const Geometry& g, const std::vector<Term<TX>>& terms, ffi::ThreadP
           if (g.sw == 1) FwdRow<7, 1>(g, Unpacked(g, t.x), t.w, t.y, n, i, c_lo, c_hi, t.add);
           else FwdRow<7, 2>(g, Unpacked(g, t.x), t.w, t.y, n, i, c_lo, c_hi, t.add);
         }
-        if (k != chunks - 1 || c_vec == g.c) continue;
-        for (int64_t j = 0; j < g.wo; ++j) {
-          ChannelBlocks(
-              c_vec, g.c,
-              [&](auto v, int64_t c) {
-                FwdPixel<decltype(v)::value>(g, t.x, t.w, t.y, n, i, j, c, t.add);
-              },
-              [&](int64_t c) { FwdPixelScalar(g, t.x, t.w, t.y, n, i, j, c, t.add); });
-        }
+        if (k == chunks - 1 && c_vec < g.c) FwdRowTail(g, t, n, i, c_vec);
       }
     }
   });
