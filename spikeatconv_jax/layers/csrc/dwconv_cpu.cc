@@ -268,10 +268,12 @@ bool PackRows(const Geometry& g) {
 }
 constexpr int64_t kBandRows = 8;  // output rows per packed band
 
-// Channels per chunk for the blocked rows: the kh input rows an output row reads, over one
-// chunk, should stay in L2 (about 512 KiB of them) while consecutive output rows reuse them.
-int64_t ChunkChannels(const Geometry& g, int64_t c_vec) {
-  const int64_t fit = (int64_t{512} * 1024 / (g.kh * g.w * int64_t{sizeof(float)})) / 16 * 16;
+// Channels per chunk for the blocked rows: the input rows that stay in use, `rows` rows of
+// `elem_bytes`-byte values over one chunk, should stay in L2 (about 512 KiB of them) while
+// consecutive output rows reuse them (the kh rows of one output row, or a packed band's rows).
+int64_t ChunkChannels(const Geometry& g, int64_t c_vec, int64_t rows,
+                      int64_t elem_bytes = int64_t{sizeof(float)}) {
+  const int64_t fit = (int64_t{512} * 1024 / (rows * g.w * elem_bytes)) / 16 * 16;
   return std::min(c_vec, std::max<int64_t>(16, fit));
 }
 
@@ -305,8 +307,7 @@ template <typename TX>
 void ForwardPacked(const Geometry& g, const std::vector<Term<TX>>& terms, ffi::ThreadPool& pool,
                    int64_t c_vec) {
   const int64_t band_in = (kBandRows - 1) * g.sh + g.kh;  // input rows a band reads
-  const int64_t fit = (int64_t{512} * 1024 / (band_in * g.w * int64_t{sizeof(TX)})) / 16 * 16;
-  const int64_t chunk = std::min(c_vec, std::max<int64_t>(16, fit));
+  const int64_t chunk = ChunkChannels(g, c_vec, band_in, int64_t{sizeof(TX)});
   const int64_t chunks = (c_vec + chunk - 1) / chunk;
   const int64_t cs = chunk + 64 / int64_t{sizeof(TX)};
   const int64_t bands = (g.ho + kBandRows - 1) / kBandRows;
@@ -356,7 +357,7 @@ void Forward(const Geometry& g, const std::vector<Term<TX>>& terms, ffi::ThreadP
   const bool blocked = g.kw == 7 && (g.sw == 1 || g.sw == 2);
   const int64_t c_vec = blocked ? g.c / 16 * 16 : 0;
   if (c_vec > 0 && PackRows<TX>(g)) return ForwardPacked(g, terms, pool, c_vec);
-  const int64_t chunk = c_vec > 0 ? ChunkChannels(g, c_vec) : 1;
+  const int64_t chunk = c_vec > 0 ? ChunkChannels(g, c_vec, g.kh) : 1;
   const int64_t chunks = c_vec > 0 ? (c_vec + chunk - 1) / chunk : 1;
   const int64_t rows = g.n * g.ho;
   ParallelFor(pool, chunks * rows, Parts(pool), [&](int64_t begin, int64_t end, int64_t) {
