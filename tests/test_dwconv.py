@@ -5,11 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 from configs.common import model_config
 from spikeatconv_jax import models
-from spikeatconv_jax.layers import dwconv, dwconv_native
+from spikeatconv_jax.layers import common, dwconv, dwconv_native
 
 IMPLS = {
   "shift": dwconv.depthwise_conv2d_shift,
@@ -351,6 +353,36 @@ def test_native_branch_sum_of_integer_inputs_reads_them_as_int8(h, w, c, s, valu
   calls = [ln for ln in hlo.as_text().splitlines() if "spikeatconv_dwconv_" in ln]
   assert any("_fwd" in ln and "xi8>" in ln for ln in calls), calls
   assert any("_bwd_kernel" in ln and "xi8>" in ln for ln in calls), calls
+
+
+@pytest.mark.parametrize("s", [1, 2])
+@pytest.mark.parametrize(
+  "spec", [P(("data", "fsdp")), P("data", None, None, "fsdp"), P(None, None, None, "data")]
+)
+def test_native_calls_run_on_each_devices_slice_of_a_sharded_batch(spec, s):
+  # Without a partitioning rule XLA gathers a custom call's operands onto every device and runs
+  # the whole batch on each. With `dwconv_native._partitioned` each device convolves its slice
+  # of the batch (and of the channels), and the kernel gradient's partial sums are added up.
+  mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+  keys = jax.random.split(jax.random.PRNGKey(0), 5)
+  xs = [(jax.random.uniform(keys[i], (8, 14, 14, 32)) > 0.7).astype(jnp.float32) for i in range(4)]
+  kern = 0.1 * jax.random.normal(keys[4], (7, 7, 4, 32))
+
+  def loss(xs, kern):
+    y = dwconv.depthwise_conv2d_sum(xs, kern, (s, s), impl="native", integer_inputs=True)
+    return jnp.sum(jnp.sin(common.value_barrier(y)))
+
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  want = step(xs, kern)  # one device
+  sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x in xs]
+  hlo = step.lower(sharded, kern).compile().as_text()
+  got = step(sharded, kern)
+  assert "all-gather" not in hlo
+  assert hlo.count("spikeatconv_dwconv_") >= 4  # forward, both gradients, the barrier
+  assert got[1][0][0].sharding.spec == spec  # the input gradient keeps the batch's sharding
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
 def test_branch_sum_module_keeps_the_grouped_kernel():

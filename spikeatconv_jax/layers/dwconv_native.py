@@ -5,6 +5,8 @@ in `csrc/dwconv_cpu.cc` (forward, input gradient, kernel gradient; float32, NHWC
 the contiguous channel axis and use XLA's intra-op thread pool. `depthwise_conv2d_native` wraps
 them in a `custom_vjp`; `dwconv.py` dispatches to it on CPU when the library is available.
 The same library holds `fusion_barrier`, a no-op custom call (see `common.cotangent_barrier`).
+Each call carries an SPMD partitioning rule (`_partitioned`): under a jit sharded over several
+CPU devices, each device convolves its own slice of the batch instead of gathering the batch.
 
 The shared library is compiled once per source, jaxlib version and CPU (`g++ -O3
 -march=native`) into `$SPIKEATCONV_CACHE_DIR` (default `~/.cache/spikeatconv_jax`, or a per-user
@@ -167,21 +169,26 @@ def _call(kind: str, operands, out_shapes, strides, pads):
   )
 
 
-def fusion_barrier(x: jax.Array) -> jax.Array:
-  """The identity, as a custom call that XLA cannot fuse through (not differentiable).
-
-  Its result aliases its operand, so it copies nothing: it only makes XLA compute `x` once into
-  a buffer. XLA:CPU otherwise recomputes a cheap elementwise value inside every fusion that
-  reads it, e.g. a LIF's input gradient, summed over MBPL's four branches, inside each of the
-  three BatchNorm-backward fusions that consume it (see `common.cotangent_barrier`).
-  """
-  _require()
+def _barrier_call(x: jax.Array) -> jax.Array:
   return jax.ffi.ffi_call(
     _FFI_NAME.format("barrier"),
     jax.ShapeDtypeStruct(x.shape, x.dtype),
     input_output_aliases={0: 0},
     vmap_method="broadcast_all",
   )(x)
+
+
+def fusion_barrier(x: jax.Array) -> jax.Array:
+  """The identity, as a custom call that XLA cannot fuse through (not differentiable).
+
+  Its result aliases its operand, so it copies nothing: it only makes XLA compute `x` once into
+  a buffer. XLA:CPU otherwise recomputes a cheap elementwise value inside every fusion that
+  reads it, e.g. a LIF's input gradient, summed over MBPL's four branches, inside each of the
+  three BatchNorm-backward fusions that consume it (see `common.cotangent_barrier`). Under a
+  sharded jit it keeps its operand's sharding (`_partitioned`).
+  """
+  _require()
+  return _partitioned("barrier", x.ndim, ())(x)
 
 
 def _geometry(x_shape, kernel_hw, strides):
@@ -195,12 +202,125 @@ def _operands(xs, integer_inputs):
   return tuple(x.astype(jnp.int8) for x in xs) if integer_inputs else xs
 
 
-def _forward(ops, w, strides):
-  """The forward custom call on the branch operands `ops` (float32 or int8)."""
+# The kernels on per-device arrays; output shapes follow from the operands (and `in_hw`, the
+# input's spatial size, for the input gradient of a strided conv).
+def _raw_fwd(w, *ops, strides):
   n, _, _, c = ops[0].shape
   pads, (ho, wo) = _geometry(ops[0].shape, w.shape[1:3], strides)
   (y,) = _call("fwd", (w, *ops), [(n, ho, wo, c)], strides, pads)
   return y
+
+
+def _raw_bwd_input(w, g, *, strides, in_hw, branches):
+  shape = (g.shape[0], *in_hw, g.shape[3])
+  pads, _ = _geometry(shape, w.shape[1:3], strides)
+  return tuple(_call("bwd_input", (w, g), [shape] * branches, strides, pads))
+
+
+def _raw_bwd_kernel(g, *ops, strides, kernel_hw):
+  pads, _ = _geometry(ops[0].shape, kernel_hw, strides)
+  (dw,) = _call("bwd_kernel", (g, *ops), [(len(ops), *kernel_hw, g.shape[3])], strides, pads)
+  return dw
+
+
+def _axes(spec_entry) -> tuple[str, ...]:
+  if spec_entry is None:
+    return ()
+  return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+
+
+@functools.cache
+def _partitioned(kind: str, arity: int, static: tuple):
+  """The custom call `kind` as a function XLA's SPMD partitioner can split.
+
+  Without a sharding rule the partitioner gathers a custom call's operands onto every device
+  and runs the whole batch on each. With this rule, the convolutions run on each device's slice
+  of the batch and channels (a [N, H, W, C] operand's N and C may be sharded; H and W, the
+  kernel taps and the branch axis are gathered), and the kernel gradient, which sums over N,
+  adds up the devices' partial sums (psum over N's mesh axes). The fusion barrier keeps any
+  sharding. On one device, or inside shard_map, the call is the plain custom call. Under vmap
+  it is the plain custom call too (custom_partitioning has no batching rule).
+
+  Args:
+    kind: "fwd" (arity = branches), "bwd_input" (static: strides, in_hw, branches),
+      "bwd_kernel" (arity = branches; static: strides, kernel_hw) or "barrier" (arity = rank).
+  """
+  from jax.experimental.custom_partitioning import custom_partitioning
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  if kind == "barrier":
+    raw = _barrier_call
+    dims = " ".join(f"d{i}" for i in range(arity))
+    rule, replicated = f"{dims} -> {dims}", ()
+  else:
+    x4, y4, w4 = "n h w c", "n i j c", "k a b c"
+    branches = ", ".join([x4] * arity)
+    if kind == "fwd":
+      raw, rule = functools.partial(_raw_fwd, strides=static[0]), f"{w4}, {branches} -> {y4}"
+    elif kind == "bwd_input":
+      strides, in_hw, n_out = static
+      raw = functools.partial(_raw_bwd_input, strides=strides, in_hw=in_hw, branches=n_out)
+      rule = f"{w4}, {y4} -> " + ", ".join([x4] * n_out)
+    else:
+      raw = functools.partial(_raw_bwd_kernel, strides=static[0], kernel_hw=static[1])
+      rule = f"{y4}, {branches} -> {w4}"
+    # In order of first appearance in the rule (Shardy wants the special factors sorted).
+    order = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
+    replicated = tuple(f for f in order if f in {"k", "a", "b", "h", "w", "i", "j"})
+
+  def shardings(mesh, arg_shapes):
+    """(operand shardings, result shardings, N's mesh axes) from the batch-like operand's."""
+    ref = arg_shapes[0 if kind in ("barrier", "bwd_kernel") else 1]
+    spec = tuple(ref.sharding.spec) + (None,) * (len(ref.shape) - len(ref.sharding.spec))
+    if kind == "barrier":
+      sh = NamedSharding(mesh, P(*spec))
+      return (sh,), sh, ()
+    b, c = spec[0], spec[3]
+    xs = NamedSharding(mesh, P(b, None, None, c))
+    ws = NamedSharding(mesh, P(None, None, None, c))
+    if kind == "fwd":
+      return (ws,) + (xs,) * arity, xs, ()
+    if kind == "bwd_input":
+      return (ws, xs), (xs,) * static[2], ()
+    return (xs,) * (1 + arity), ws, _axes(b)
+
+  def partition(mesh, arg_shapes, result_shape):
+    arg_sh, out_sh, sum_axes = shardings(mesh, arg_shapes)
+
+    def lower(*args):
+      out = raw(*args)
+      return lax.psum(out, sum_axes) if sum_axes else out
+
+    return mesh, lower, out_sh, arg_sh
+
+  def infer(mesh, arg_shapes, result_shape):
+    return shardings(mesh, arg_shapes)[1]
+
+  fn = custom_partitioning(lambda *args: raw(*args))
+  fn.def_partition(
+    partition,
+    infer_sharding_from_operands=infer,
+    sharding_rule=rule,
+    reduction_factors=("n",) if kind == "bwd_kernel" else (),
+    need_replication_factors=replicated,
+  )
+
+  @jax.custom_batching.custom_vmap
+  def call(*args):
+    return fn(*args)
+
+  @call.def_vmap
+  def _vmap(axis_size, in_batched, *args):
+    out = jax.vmap(raw, in_axes=tuple(0 if b else None for b in in_batched))(*args)
+    return out, jax.tree.map(lambda _: True, out)
+
+  return call
+
+
+def _forward(ops, w, strides):
+  """The forward custom call on the branch operands `ops` (float32 or int8)."""
+  return _partitioned("fwd", len(ops), (tuple(strides),))(w, *ops)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -218,10 +338,10 @@ def _dwconv_fwd(xs, w, strides, integer_inputs):
 
 def _dwconv_bwd(strides, integer_inputs, res, g):
   ops, w = res
-  pads, _ = _geometry(ops[0].shape, w.shape[1:3], strides)
   g = g.astype(jnp.float32)
-  dxs = _call("bwd_input", (w, g), [ops[0].shape] * len(ops), strides, pads)
-  (dw,) = _call("bwd_kernel", (g, *ops), [w.shape], strides, pads)
+  strides = tuple(strides)
+  dxs = _partitioned("bwd_input", 1, (strides, tuple(ops[0].shape[1:3]), len(ops)))(w, g)
+  dw = _partitioned("bwd_kernel", len(ops), (strides, tuple(w.shape[1:3])))(g, *ops)
   return tuple(dxs), dw
 
 
