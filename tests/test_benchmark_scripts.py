@@ -1,6 +1,7 @@
 """The benchmark helpers that can run without their hardware: gpu.sh's checks, MFU arithmetic."""
 
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -129,3 +130,17 @@ def test_model_benchmark_keeps_timings_when_profiling_fails(monkeypatch):
   (row,) = bench.measure(args, [({"batch": 4}, {"train": lambda: 0})])
   assert row["train_img_s"] > 0 and row["train_profile_error"] == "RuntimeError: no CUPTI"
   assert "train_profile" not in row
+
+
+@pytest.mark.slow
+def test_sharded_step_benchmark_runs_the_custom_calls_without_gathering():
+  # The real train step on 2 host devices; the native depthwise calls are partitioned, so the
+  # compiled step holds no all-gather (with --gather it would hold one per custom call operand).
+  script = REPO / "benchmarks" / "sharded_step.py"
+  cmd = [sys.executable, str(script), "--devices", "2", "--batch", "8", "--repeats", "1"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  row = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("{")))
+  assert row["devices"] == 2 and row["partition_rule"] and row["dwconv"] == "native"
+  assert row["all_gathers"] == 0 and row["step_ms"] > 0

@@ -229,6 +229,28 @@ def _axes(spec_entry) -> tuple[str, ...]:
   return (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
 
 
+def _plain(kind: str, arity: int, static: tuple):
+  """(the custom call `kind` on per-device arrays, its Shardy sharding rule, the rule's factors
+  that must be gathered). Arguments as for `_partitioned`."""
+  if kind == "barrier":
+    dims = " ".join(f"d{i}" for i in range(arity))
+    return _barrier_call, f"{dims} -> {dims}", ()
+  x4, y4, w4 = "n h w c", "n i j c", "k a b c"
+  branches = ", ".join([x4] * arity)
+  if kind == "fwd":
+    raw, rule = functools.partial(_raw_fwd, strides=static[0]), f"{w4}, {branches} -> {y4}"
+  elif kind == "bwd_input":
+    strides, in_hw, n_out = static
+    raw = functools.partial(_raw_bwd_input, strides=strides, in_hw=in_hw, branches=n_out)
+    rule = f"{w4}, {y4} -> " + ", ".join([x4] * n_out)
+  else:
+    raw = functools.partial(_raw_bwd_kernel, strides=static[0], kernel_hw=static[1])
+    rule = f"{y4}, {branches} -> {w4}"
+  # In order of first appearance in the rule (Shardy wants the special factors sorted).
+  order = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
+  return raw, rule, tuple(f for f in order if f in {"k", "a", "b", "h", "w", "i", "j"})
+
+
 @functools.cache
 def _partitioned(kind: str, arity: int, static: tuple):
   """The custom call `kind` as a function XLA's SPMD partitioner can split.
@@ -249,25 +271,7 @@ def _partitioned(kind: str, arity: int, static: tuple):
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  if kind == "barrier":
-    raw = _barrier_call
-    dims = " ".join(f"d{i}" for i in range(arity))
-    rule, replicated = f"{dims} -> {dims}", ()
-  else:
-    x4, y4, w4 = "n h w c", "n i j c", "k a b c"
-    branches = ", ".join([x4] * arity)
-    if kind == "fwd":
-      raw, rule = functools.partial(_raw_fwd, strides=static[0]), f"{w4}, {branches} -> {y4}"
-    elif kind == "bwd_input":
-      strides, in_hw, n_out = static
-      raw = functools.partial(_raw_bwd_input, strides=strides, in_hw=in_hw, branches=n_out)
-      rule = f"{w4}, {y4} -> " + ", ".join([x4] * n_out)
-    else:
-      raw = functools.partial(_raw_bwd_kernel, strides=static[0], kernel_hw=static[1])
-      rule = f"{y4}, {branches} -> {w4}"
-    # In order of first appearance in the rule (Shardy wants the special factors sorted).
-    order = list(dict.fromkeys(rule.replace(",", " ").replace("->", " ").split()))
-    replicated = tuple(f for f in order if f in {"k", "a", "b", "h", "w", "i", "j"})
+  raw, rule, replicated = _plain(kind, arity, static)
 
   def shardings(mesh, arg_shapes):
     """(operand shardings, result shardings, N's mesh axes) from the batch-like operand's."""
