@@ -188,7 +188,7 @@ def fusion_barrier(x: jax.Array) -> jax.Array:
   sharded jit it keeps its operand's sharding (`_partitioned`).
   """
   _require()
-  return _partitioned("barrier", x.ndim, ())(x)
+  return _partitioned("barrier", x.ndim, ())(x) if x.ndim else _barrier_call(x)
 
 
 def _geometry(x_shape, kernel_hw, strides):
