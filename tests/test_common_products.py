@@ -196,3 +196,17 @@ def test_cpu_layer_norm_matches_nn_layer_norm(dtype, tol):
 def test_layer_norm_is_the_cpu_form_on_cpu():
   m = common.layer_norm(dtype=jnp.float32, name="ln")
   assert isinstance(m, common.CPULayerNorm if jax.default_backend() == "cpu" else nn.LayerNorm)
+
+
+@pytest.mark.parametrize("t", [1, 2, 3])
+def test_repeat_time_is_a_broadcast_whose_gradient_sums_the_steps(t):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 4, 3))
+  w = jax.random.normal(jax.random.PRNGKey(1), (t, 2, 5, 4, 3))
+  y = common.repeat_time(x, t)
+  np.testing.assert_array_equal(y, jnp.broadcast_to(x[None], (t,) + x.shape))
+  f = lambda rep: jax.grad(lambda x: jnp.sum(jnp.sin(rep(x)) * w))(x)
+  want = f(lambda x: jnp.broadcast_to(x[None], (t,) + x.shape))
+  np.testing.assert_allclose(f(lambda x: common.repeat_time(x, t)), want, rtol=1e-6, atol=1e-6)
+  # The backward sums the T slices elementwise: no reduce over the T axis in the graph.
+  hlo = jax.jit(jax.grad(lambda x: jnp.sum(common.repeat_time(x, t) * w))).lower(x).as_text()
+  assert "stablehlo.reduce" not in hlo

@@ -53,7 +53,7 @@ class Stem(nn.Module):
     c1, c0 = self.widths
 
     def bcast(z):  # [B, ...] -> [T, B, ...]
-      return jnp.broadcast_to(z[None], (t,) + z.shape)
+      return common.repeat_time(z, t)
 
     y = common.conv(c1, 3, strides=2, use_bias=False, dtype=dt, name="conv1")(x.astype(dt))
     if self.stem_act == "gelu":

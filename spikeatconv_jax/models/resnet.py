@@ -109,7 +109,7 @@ class _Stem(nn.Module):
     init_scale = float(self.cfg.spk.get("norm_init_scale", 1.0))
     y = common.conv(WIDTHS[0], 3, use_bias=False, dtype=dt, name="conv")(images.astype(dt))
     y = common.batch_norm(train=train, dtype=dt, name="bn", scale_init=init_scale)(y)
-    y = jnp.broadcast_to(y[None], (t,) + y.shape)  # [T, B, H, W, 64]
+    y = common.repeat_time(y, t)  # [T, B, H, W, 64]
     return _act(self.cfg, "spk", dt)(y, train=train)
 
 
