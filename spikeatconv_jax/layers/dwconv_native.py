@@ -352,6 +352,26 @@ def _dwconv_bwd(strides, integer_inputs, res, g):
 _dwconv.defvjp(_dwconv_fwd, _dwconv_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _repeat_channels(x: jax.Array, m: int) -> jax.Array:
+  """jnp.repeat(x, m, axis=-1) (channel c -> c*m .. c*m+m-1), with the gradient written as the
+  sum of the m strided slices. Autodiff's gradient, a reduce over a minor axis of size m, ran
+  on XLA:CPU (YNNPACK) at ~4 GB/s: 11.6 ms for a [16, 56, 56, 128] cotangent (tiny, T=2)."""
+  return jnp.repeat(x, m, axis=-1)
+
+
+def _repeat_channels_fwd(x, m):
+  return _repeat_channels(x, m), None
+
+
+def _repeat_channels_bwd(m, _, g):
+  g = g.reshape(g.shape[:-1] + (g.shape[-1] // m, m))
+  return (functools.reduce(jnp.add, [g[..., i] for i in range(m)]),)
+
+
+_repeat_channels.defvjp(_repeat_channels_fwd, _repeat_channels_bwd)
+
+
 def _require() -> None:
   if not available():
     raise RuntimeError(f"native depthwise conv unavailable: {unavailable_reason()}")
@@ -372,7 +392,7 @@ def depthwise_conv2d_native(
   dtype = jnp.promote_types(x.dtype, kernel.dtype)
   xf = x.astype(jnp.float32)
   if m > 1:
-    xf = jnp.repeat(xf, m, axis=3)
+    xf = _repeat_channels(xf, m)
   y = _dwconv((xf,), kernel.astype(jnp.float32).reshape(1, kh, kw, c * m), tuple(strides), False)
   return y.astype(dtype)
 
