@@ -210,3 +210,19 @@ def test_repeat_time_is_a_broadcast_whose_gradient_sums_the_steps(t):
   # The backward sums the T slices elementwise: no reduce over the T axis in the graph.
   hlo = jax.jit(jax.grad(lambda x: jnp.sum(common.repeat_time(x, t) * w))).lower(x).as_text()
   assert "stablehlo.reduce" not in hlo
+
+
+@pytest.mark.parametrize("g", [1, 2, 5, 64])
+def test_add_broadcast_gradient_sums_the_leading_axes_without_a_reduce(g):
+  x = jax.random.normal(jax.random.PRNGKey(0), (g, 3, 4, 7, 7))
+  b = jax.random.normal(jax.random.PRNGKey(1), (4, 7, 7))
+  np.testing.assert_allclose(common.sum_leading(x), jnp.sum(x, axis=0), rtol=1e-5, atol=1e-5)
+  loss = lambda add: lambda x, b: jnp.sum(jnp.sin(add(x, b)))
+  want = jax.grad(loss(jnp.add), argnums=(0, 1))(x, b)
+  got = jax.grad(loss(common.add_broadcast), argnums=(0, 1))(x, b)
+  for a, w in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(jax.grad(loss(common.add_broadcast), argnums=1)).lower(x, b).as_text()
+  assert "stablehlo.reduce" not in hlo
+  with pytest.raises(ValueError, match="trailing"):
+    common.add_broadcast(x, b[:2])

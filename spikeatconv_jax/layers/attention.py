@@ -124,11 +124,11 @@ class AttentionCore(nn.Module):
   def __call__(self, q, k, v, bias):
     scores = jnp.einsum("gnhd,gmhd->ghnm", q, k)
     if self.kind == "softmax":
-      scores = scores * jnp.asarray(q.shape[-1] ** -0.5, scores.dtype) + bias.astype(scores.dtype)
+      scores = common.add_broadcast(scores * jnp.asarray(q.shape[-1] ** -0.5, scores.dtype), bias)
       scores = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
     else:
       # Spike-driven: no softmax (SDT-V2), a constant scale, scores before the product with V.
-      scores = scores * jnp.asarray(self.scale, scores.dtype) + bias.astype(scores.dtype)
+      scores = common.add_broadcast(scores * jnp.asarray(self.scale, scores.dtype), bias)
     return jnp.einsum("ghnm,gmhd->gnhd", scores, v)
 
 
