@@ -1,5 +1,7 @@
 """Partitions, relative-position bias, attention and FFN units (DESIGN.md §4)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,10 +157,23 @@ def test_avg_pool_same_odd_map():
   np.testing.assert_allclose(np.asarray(y)[0, :, :, 0], [[2.0, 3.5], [6.5, 8.0]])
 
 
-def test_spk_outputs_are_computed_before_the_partition_transposes(monkeypatch):
-  # On XLA:CPU the q/k/v SPK outputs pass `common.value_barrier` before the grid partition:
-  # they are computed once in their own layout instead of inside the partition's transpose
-  # (docs/RESULTS.md). Same values and gradients either way.
+def _strided_lif_fusions(compiled) -> list[str]:
+  """Fused computations that evaluate a LIF step (a threshold compare, or the surrogate's
+  divide) through a transpose, i.e. in the grid partition's strided order."""
+  out = []
+  for m in re.finditer(r"^%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", compiled.as_text(), re.M | re.S):
+    body = m.group(2)
+    if " transpose(" in body and (" compare(" in body or " divide(" in body):
+      out.append(m.group(1))
+  return out
+
+
+def test_spk_outputs_are_computed_apart_from_the_partition_transposes(monkeypatch):
+  # On XLA:CPU the q/k/v SPK outputs pass `common.value_barrier` before the grid partition and
+  # the output SPK's input after the unpartition: each value, and in the backward each
+  # cotangent, is computed once in its own layout instead of inside the transpose
+  # (docs/RESULTS.md). Same values and gradients either way. T=2, so the LIF backward is the
+  # concatenation of two steps.
   from spikeatconv_jax.layers import dwconv_native
 
   if jax.default_backend() != "cpu" or not dwconv_native.available():
@@ -184,7 +199,9 @@ def test_spk_outputs_are_computed_before_the_partition_transposes(monkeypatch):
   monkeypatch.setattr(common, "value_barrier", lambda z: z)
   without = compiled()
   n_barriers = lambda c: c.as_text().count('custom_call_target="spikeatconv_dwconv_barrier"')
-  assert n_barriers(with_barrier) == n_barriers(without) + 3  # q, k, v
+  assert n_barriers(with_barrier) == n_barriers(without) + 8  # q, k, v, o; value and cotangent
+  assert _strided_lif_fusions(with_barrier) == []
+  assert len(_strided_lif_fusions(without)) >= 4  # the check can fail
   for a, b in zip(
     jax.tree_util.tree_leaves(with_barrier(v["params"], x)),
     jax.tree_util.tree_leaves(without(v["params"], x)),

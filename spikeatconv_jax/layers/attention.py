@@ -186,7 +186,8 @@ class Attention(nn.Module):
       heads_of(q), heads_of(k), heads_of(v), bias
     )
     o = unpartition(o.reshape(o.shape[0], o.shape[1], c), p, h, w, self.partition)
-    o = o.reshape(t, b, h, w, c)
+    # The output SPK's LIF (and its backward) reads `o` in image order, not the transpose's.
+    o = common.value_barrier(o.reshape(t, b, h, w, c))
     # The attention-output SPK has its thresholds halved (SDT attn_lif v_threshold=0.5).
     o = make_spk(self.spk, threshold_scale=0.5, name="spk_out", dtype=dt)(o, train=train)
     o = common.dense(c, use_bias=True, dtype=dt, name="proj")(o)

@@ -144,15 +144,20 @@ cotangent_barrier.defvjp(_cotangent_barrier_fwd, _cotangent_barrier_bwd)
 
 @jax.custom_vjp
 def value_barrier(x: jax.Array) -> jax.Array:
-  """The identity; on XLA:CPU it has `x` computed once, into a buffer in its own layout.
+  """The identity; on XLA:CPU it has `x`, and in the backward its cotangent, computed once,
+  each into a buffer in its own layout.
 
-  The forward counterpart of `cotangent_barrier`: XLA:CPU fuses a cheap elementwise producer
-  into its consumer even when the consumer is a transpose, and then evaluates the producer in
-  the transpose's strided order. An SPK output feeding attention's grid partition (count +
-  γ·LN(merge), and at T > 1 the LIF steps before it) became such a fusion, e.g. 40 ms for one
-  f32[256, 4, 32, 49] key map of the tiny T=2 train step. Behind the barrier the SPK output is
-  one contiguous elementwise pass and the partition a plain copy. The identity elsewhere (and
-  its gradient is the identity everywhere).
+  The forward counterpart of `cotangent_barrier`, for a value that meets a transpose: XLA:CPU
+  fuses a cheap elementwise producer into its consumer even when the consumer is a transpose,
+  and then evaluates the producer in the transpose's strided order. An SPK output feeding
+  attention's grid partition (count + γ·LN(merge), and at T > 1 the LIF steps before it)
+  became such a fusion, e.g. 40 ms for one f32[256, 4, 32, 49] key map of the tiny T=2 train
+  step. Behind the barrier the SPK output is one contiguous elementwise pass and the partition
+  a plain copy. The backward is the mirror image: the partition's transposed cotangent was read
+  in strided order, several times over, by the LIF backward of the SPK before it (the T=2
+  concatenation fusions of the q/k sites took 18-21 ms each, the FFN sites of 4x their size
+  14 ms); with the cotangent held by the same no-op call, the transpose is one copy. The
+  identity elsewhere, both ways.
   """
   if jax.default_backend() == "cpu" and dwconv_native.available():
     return dwconv_native.fusion_barrier(x)
@@ -164,7 +169,7 @@ def _value_barrier_fwd(x):
 
 
 def _value_barrier_bwd(_, g):
-  return (g,)
+  return _cotangent_barrier_bwd(None, g)  # the same no-op call on the cotangent
 
 
 value_barrier.defvjp(_value_barrier_fwd, _value_barrier_bwd)
