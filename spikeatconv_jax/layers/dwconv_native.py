@@ -356,8 +356,13 @@ _dwconv.defvjp(_dwconv_fwd, _dwconv_bwd)
 def _repeat_channels(x: jax.Array, m: int) -> jax.Array:
   """jnp.repeat(x, m, axis=-1) (channel c -> c*m .. c*m+m-1), with the gradient written as the
   sum of the m strided slices. Autodiff's gradient, a reduce over a minor axis of size m, ran
-  on XLA:CPU (YNNPACK) at ~4 GB/s: 11.6 ms for a [16, 56, 56, 128] cotangent (tiny, T=2)."""
-  return jnp.repeat(x, m, axis=-1)
+  on XLA:CPU (YNNPACK) at ~4 GB/s: 11.6 ms for a [16, 56, 56, 128] cotangent (tiny, T=2).
+
+  `x` is computed into its own buffer first (`fusion_barrier`): fused into the repeat, its
+  producer (a stage's first MBPL output: BatchNorm, four LIF neurons, count + γ·LN(merge)) was
+  evaluated once per output channel, in the broadcast's unvectorised index order: 8.4 ms for
+  the [8, 56, 56, 64] -> 128 repeat of the tiny T=1 step, where the repeat alone takes 1.1 ms."""
+  return jnp.repeat(fusion_barrier(x), m, axis=-1)
 
 
 def _repeat_channels_fwd(x, m):
