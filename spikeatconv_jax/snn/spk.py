@@ -205,16 +205,18 @@ class SPK(nn.Module):
       param_dtype=self.param_dtype,
       name="merge_dw",
     )([s_k.reshape(t * b, h, w, c) for s_k in spikes])
-    z = z + self.param("merge_bias", nn.initializers.zeros, (c,), self.param_dtype).astype(z.dtype)
+    shift = self.param("merge_bias", nn.initializers.zeros, (c,), self.param_dtype)
+    gamma = self.param("merge_gamma", nn.initializers.constant(1e-6), (c,), self.param_dtype)
     if self.mbpl_merge == "convnext":
-      z = common.layer_norm(dtype=self.dtype, name="merge_ln0")(z)
+      z = common.layer_norm(dtype=self.dtype, name="merge_ln0")(z + shift.astype(z.dtype))
       z = common.dense(4 * c, use_bias=True, dtype=self.dtype, name="merge_fc1")(z)
       z = common.gelu(z)
       z = common.dense(c, use_bias=True, dtype=self.dtype, name="merge_fc2")(z)
+      z = z * gamma.astype(z.dtype)
     else:
-      z = common.layer_norm(dtype=self.dtype, name="merge_ln")(z)
-    gamma = self.param("merge_gamma", nn.initializers.constant(1e-6), (c,), self.param_dtype)
-    z = (z * gamma.astype(z.dtype)).reshape(t, b, h, w, c)
+      # γ ⊙ LN(Z + bias) as one op (on CPU one custom VJP: fewer reductions in the backward).
+      z = common.scaled_layer_norm(dtype=self.dtype, name="merge_ln")(z, shift=shift, gamma=gamma)
+    z = z.reshape(t, b, h, w, c)
     return (count + z).astype(dtype)
 
 
