@@ -380,27 +380,40 @@ def _layer_norm(x, scale, bias, eps):
   return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
+def _f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
+
+
+def _row_stats(u, eps):
+  """Mean and 1/std over the last axis (two-pass variance), kept with a trailing 1."""
+  mu = jnp.mean(u, -1, keepdims=True)
+  uc = u - mu
+  return mu, lax.rsqrt(jnp.mean(uc * uc, -1, keepdims=True) + eps)
+
+
+def _normalised_input_grad(dy, xh, r, g):
+  """LayerNorm's input gradient for the output cotangent dy, normalised input xh, 1/std r and
+  per-channel scale g. The two channel means it needs are mat-vecs with the scale: written as
+  sums of dy·g, XLA:CPU's YNNPACK reductions first write the scale broadcast to the full
+  [..., C] map (they take no broadcast operand)."""
+  m1 = (dy @ g)[..., None] / xh.shape[-1]
+  m2 = ((dy * xh) @ g)[..., None] / xh.shape[-1]
+  return r * (dy * g - m1 - xh * m2)
+
+
 def _layer_norm_fwd(x, scale, bias, eps):
-  xf = x.astype(jnp.float32)
-  mu = jnp.mean(xf, -1, keepdims=True)
-  xc = xf - mu
-  r = lax.rsqrt(jnp.mean(xc * xc, -1, keepdims=True) + eps)
-  y = xc * r * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  xf = _f32(x)
+  mu, r = _row_stats(xf, eps)
+  y = (xf - mu) * r * _f32(scale) + _f32(bias)
   return y, (x, mu, r, scale)
 
 
 def _layer_norm_bwd(eps, res, dy):
   x, mu, r, scale = res
-  g = scale.astype(jnp.float32)
-  dy = dy.astype(jnp.float32)
-  xh = (x.astype(jnp.float32) - mu) * r
+  dy = _f32(dy)
+  xh = (_f32(x) - mu) * r
   axes = tuple(range(x.ndim - 1))
-  # The two channel means the input gradient needs, as mat-vecs with the scale: written as
-  # sums of dy·scale, XLA:CPU's YNNPACK reductions first write the scale broadcast to the full
-  # [..., C] map (they take no broadcast operand).
-  m1 = (dy @ g)[..., None] / x.shape[-1]
-  m2 = ((dy * xh) @ g)[..., None] / x.shape[-1]
-  dx = r * (dy * g - m1 - xh * m2)
+  dx = _normalised_input_grad(dy, xh, r, _f32(scale))
   # scale and bias share param_dtype (CPULayerNorm), so the scale's dtype serves both.
   dscale, dbias = jnp.sum(dy * xh, axes), jnp.sum(dy, axes)
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
@@ -415,35 +428,28 @@ def _scaled_layer_norm(x, shift, scale, bias, gamma, eps):
 
 
 def _scaled_layer_norm_fwd(x, shift, scale, bias, gamma, eps):
-  u = x.astype(jnp.float32) + shift.astype(jnp.float32)
-  mu = jnp.mean(u, -1, keepdims=True)
-  uc = u - mu
-  r = lax.rsqrt(jnp.mean(uc * uc, -1, keepdims=True) + eps)
-  f32 = lambda p: p.astype(jnp.float32)
-  y = (uc * r * f32(scale) + f32(bias)) * f32(gamma)
+  u = _f32(x) + _f32(shift)
+  mu, r = _row_stats(u, eps)
+  y = ((u - mu) * r * _f32(scale) + _f32(bias)) * _f32(gamma)
   return y, (x, shift, mu, r, scale, bias, gamma)
 
 
 def _scaled_layer_norm_bwd(eps, res, dy):
   """With x̂ the normalised input, A = Σ dy and B = Σ dy·x̂ over all but the channel axis give
   all three parameter gradients: d(scale) = γ·B, d(bias) = γ·A, dγ = scale·B + bias·A. The
-  input gradient is _layer_norm_bwd's with the scale γ·scale, and the shift's is its sum."""
+  input gradient is the LayerNorm's with the scale γ·scale, and the shift's is its sum."""
   x, shift, mu, r, scale, bias, gamma = res
-  f32 = lambda p: p.astype(jnp.float32)
-  dy = dy.astype(jnp.float32)
-  xh = (x.astype(jnp.float32) + f32(shift) - mu) * r
+  dy = _f32(dy)
+  xh = (_f32(x) + _f32(shift) - mu) * r
   axes = tuple(range(x.ndim - 1))
   a, b = jnp.sum(dy, axes), jnp.sum(dy * xh, axes)
-  g = f32(gamma) * f32(scale)
-  m1 = (dy @ g)[..., None] / x.shape[-1]
-  m2 = ((dy * xh) @ g)[..., None] / x.shape[-1]
-  dx = r * (dy * g - m1 - xh * m2)
+  dx = _normalised_input_grad(dy, xh, r, _f32(gamma) * _f32(scale))
   return (
     dx.astype(x.dtype),
     jnp.sum(dx, axes).astype(shift.dtype),
-    (f32(gamma) * b).astype(scale.dtype),
-    (f32(gamma) * a).astype(bias.dtype),
-    (f32(scale) * b + f32(bias) * a).astype(gamma.dtype),
+    (_f32(gamma) * b).astype(scale.dtype),
+    (_f32(gamma) * a).astype(bias.dtype),
+    (_f32(scale) * b + _f32(bias) * a).astype(gamma.dtype),
   )
 
 
