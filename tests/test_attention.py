@@ -1,7 +1,6 @@
 """Partitions, relative-position bias, attention and FFN units (DESIGN.md §4)."""
 
-import re
-
+import hlo_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,12 +159,11 @@ def test_avg_pool_same_odd_map():
 def _strided_lif_fusions(compiled) -> list[str]:
   """Fused computations that evaluate a LIF step (a threshold compare, or the surrogate's
   divide) through a transpose, i.e. in the grid partition's strided order."""
-  out = []
-  for m in re.finditer(r"^%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", compiled.as_text(), re.M | re.S):
-    body = m.group(2)
-    if " transpose(" in body and (" compare(" in body or " divide(" in body):
-      out.append(m.group(1))
-  return out
+  return [
+    name
+    for name, _, body in hlo_utils.computations(compiled)
+    if " transpose(" in body and (" compare(" in body or " divide(" in body)
+  ]
 
 
 def test_spk_outputs_are_computed_apart_from_the_partition_transposes(monkeypatch):

@@ -3,6 +3,7 @@ lax's grouped convolution."""
 
 import re
 
+import hlo_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -539,9 +540,12 @@ def test_native_multiplier_gradient_sums_the_copies_without_a_reduce():
 
 def _fusions_computing(compiled, op: str, out_channels: int) -> list[str]:
   """Fused computations with a [..., out_channels] float32 result whose body contains `op`."""
-  pat = r"^%([\w.\-]+) \([^\n]*\) -> f32\[[\d,]*," + str(out_channels) + r"\] \{\n(.*?)\n\}"
-  found = re.finditer(pat, compiled.as_text(), re.M | re.S)
-  return [m.group(1) for m in found if f" {op}(" in m.group(2)]
+  result = re.compile(r"-> f32\[[\d,]*," + str(out_channels) + r"\] $")
+  return [
+    name
+    for name, signature, body in hlo_utils.computations(compiled)
+    if result.search(signature) and f" {op}(" in body
+  ]
 
 
 def test_native_multiplier_computes_its_input_once_before_the_repeat(monkeypatch):
