@@ -62,7 +62,7 @@ import optax  # noqa: E402
 
 from configs.common import model_config  # noqa: E402
 from spikeatconv_jax import models  # noqa: E402
-from spikeatconv_jax.layers import dwconv  # noqa: E402
+from spikeatconv_jax.layers import dwconv, dwconv_native  # noqa: E402
 
 DEFAULT_SIZE = {"nano": (32, 4), "tiny": (224, 7), "base": (224, 7), "large": (224, 7)}
 
@@ -97,14 +97,23 @@ def matmul_peak_tflops(dtype: str, n: int | None = None, repeats: int = 15) -> f
   return 2 * n**3 / _time(lambda: mm(a, a), repeats, reduce=min) / 1e12
 
 
-def train_flops_per_image(cfg, size: int) -> float:
-  """Dense train FLOPs per image: 3 x (forward: 2 x dense MACs per step x T), the usual
-  forward + 2x backward estimate over weight layers and attention products (energy.report's
-  count, DESIGN.md §7); elementwise, norm and LIF work is not counted."""
+def train_flops_per_image(cfg, size: int) -> dict[str, float]:
+  """Dense train FLOPs per image by layer op ("linear", "dwconv7x7", "sisa attention", ...):
+  3 x (forward: 2 x dense MACs per step x T), the usual forward + 2x backward estimate over
+  weight layers and attention products (energy.report's count, DESIGN.md §7); elementwise,
+  norm and LIF work is not counted. The total is the sum of the values."""
   from spikeatconv_jax import energy
 
-  gmacs = energy.report(cfg, size)["dense_gmacs_per_step"]
-  return 3 * 2 * gmacs * 1e9 * int(cfg.timesteps)
+  by_op: dict[str, float] = {}
+  for row in energy.report(cfg, size)["rows"]:
+    by_op[row["op"]] = by_op.get(row["op"], 0.0) + 3 * 2 * row["dense_macs"] * int(cfg.timesteps)
+  return by_op
+
+
+def custom_call_targets(hlo_text: str) -> dict[str, str]:
+  """{op name: custom_call_target} for every custom call in a compiled HLO module's text."""
+  pattern = r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?custom-call\([^\n]*?custom_call_target="([^"]+)"'
+  return {m.group(1): m.group(2) for m in re.finditer(pattern, hlo_text, re.M)}
 
 
 def _peak_device_mb() -> float | None:
@@ -113,14 +122,16 @@ def _peak_device_mb() -> float | None:
   return None if peak is None else peak / 2**20
 
 
-def top_ops(events: list[dict], top: int) -> dict:
+def top_ops(events: list[dict], top: int, targets: dict[str, str] | None = None) -> dict:
   """Time per op from a profiler trace's events (Chrome/perfetto JSON): complete ("X") events
   that name an HLO op (an `hlo_op` argument; if none does, every event but the Python frames,
   named "$..."), summed per op. On the accelerator's tracks when there are any (process names
   with "GPU", "TPU" or "/device:"), else on all tracks (XLA:CPU runs its ops on host threads).
 
   Returns {"tracks": "device"|"all", "total_ms", "ops": [[name, ms, count], ...] (the `top`
-  most expensive), "kinds": the same per op kind (the name without its numeric suffix)}.
+  most expensive), "kinds": the same per op kind (the name without its numeric suffix),
+  "custom_calls": the same per custom-call target, for the ops `targets` ({op name: target},
+  `custom_call_targets` of the compiled module) names}.
   """
   names = {
     e.get("pid"): str(e.get("args", {}).get("name", ""))
@@ -145,18 +156,26 @@ def top_ops(events: list[dict], top: int) -> dict:
     row[0] += ms
     row[1] += n
 
-  def ranked(d):
-    return [[k, round(v[0], 3), v[1]] for k, v in sorted(d.items(), key=lambda kv: -kv[1][0])][:top]
+  calls: dict[str, list] = {}  # every target, however many: their totals are what matter
+  for name, (ms, n) in agg.items():
+    if targets and name in targets:
+      row = calls.setdefault(targets[name], [0.0, 0])
+      row[0] += ms
+      row[1] += n
+
+  def ranked(d, n=top):
+    return [[k, round(v[0], 3), v[1]] for k, v in sorted(d.items(), key=lambda kv: -kv[1][0])][:n]
 
   return dict(
     tracks="device" if device else "all",
     total_ms=sum(v[0] for v in agg.values()),
     ops=ranked(agg),
     kinds=ranked(kinds),
+    custom_calls=ranked(calls, None),
   )
 
 
-def profile_step(fn, top: int) -> dict:
+def profile_step(fn, top: int, targets: dict[str, str] | None = None) -> dict:
   """Runs `fn` once under jax.profiler (perfetto trace in a temp dir) and returns `top_ops`."""
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -165,7 +184,7 @@ def profile_step(fn, top: int) -> dict:
     with gzip.open(path) as f:
       trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  return top_ops(events, top)
+  return top_ops(events, top, targets)
 
 
 def prepare_setting(args, t: int, net: str) -> tuple[dict, dict]:
@@ -269,8 +288,16 @@ def prepare_setting(args, t: int, net: str) -> tuple[dict, dict]:
   )
   jax.block_until_ready(step(params, stats, opt_state, images, labels, rng))
   if args.mfu:
-    out["train_tflops_per_image"] = train_flops_per_image(cfg, size) / 1e12
-  fns["train"] = lambda: step(params, stats, opt_state, images, labels, rng)
+    by_op = train_flops_per_image(cfg, size)
+    out["train_tflops_per_image"] = sum(by_op.values()) / 1e12
+    out["train_tflops_per_image_by_op"] = {k: v / 1e12 for k, v in by_op.items()}
+
+  def train():
+    return step(params, stats, opt_state, images, labels, rng)
+
+  if getattr(args, "profile_top", 0):  # for the profile's per-target custom-call times
+    train.custom_call_targets = custom_call_targets(step.as_text())
+  fns["train"] = train
   return out, fns
 
 
@@ -298,7 +325,8 @@ def measure(args, settings: list[tuple[dict, dict]]) -> list[dict]:
       out["device_peak_mb"] = _peak_device_mb()  # None on CPU (no allocator statistics)
       if getattr(args, "profile_top", 0):
         try:
-          out["train_profile"] = profile_step(fns["train"], args.profile_top)
+          targets = getattr(fns["train"], "custom_call_targets", None)
+          out["train_profile"] = profile_step(fns["train"], args.profile_top, targets)
         except Exception as e:  # noqa: BLE001 - e.g. no CUPTI: keep the timings, say why
           out["train_profile_error"] = f"{type(e).__name__}: {e}"
           print(f"profiling failed: {out['train_profile_error']}", file=sys.stderr, flush=True)
@@ -307,6 +335,17 @@ def measure(args, settings: list[tuple[dict, dict]]) -> list[dict]:
         out["peak_tflops_s"] = args.peak_tflops or matmul_peak_tflops(args.dtype)
         out["peak_source"] = "given" if args.peak_tflops else f"measured {args.dtype} matmul"
         out["mfu"] = out["train_tflops_s"] / out["peak_tflops_s"]
+        native = [
+          ms
+          for target, ms, _ in out.get("train_profile", {}).get("custom_calls", [])
+          if target in dwconv_native.KERNEL_TARGETS
+        ]
+        dw = out["train_tflops_per_image_by_op"].get("dwconv7x7", 0.0) * b
+        if native and dw:
+          # The rate of the native depthwise kernels inside the step: exact when every 7x7
+          # depthwise conv of the model runs natively (tiny/base/large at 224 px on CPU).
+          out["native_dwconv_ms"] = sum(native)
+          out["native_dwconv_tflops_s"] = dw / (sum(native) / 1e3)
     rows.append(out)
   return rows
 
@@ -385,15 +424,26 @@ def main():
     if "train_profile" in r:
       prof = r["train_profile"]
       print(f"    profiled train step: {prof['total_ms']:.1f} ms of ops on {prof['tracks']} tracks")
-      for title in ("kinds", "ops"):
-        print(f"    top {title}:")
-        for name, ms, count in prof[title]:
+      for title in ("kinds", "ops", "custom_calls"):
+        print(f"    {'by custom-call target' if title == 'custom_calls' else 'top ' + title}:")
+        for name, ms, count in prof.get(title, []):
           print(f"      {ms:10.2f} ms {count:5d}x  {name[:90]}")
     if "mfu" in r:
       print(
         f"    train {r['train_tflops_s']:.3f} TFLOP/s dense = {100 * r['mfu']:.1f} % MFU of "
         f"{r['peak_tflops_s']:.3f} TFLOP/s ({r['peak_source']}); device peak "
         f"{f(r['device_peak_mb'], '.0f')} MB"
+      )
+      shares = ", ".join(
+        f"{op} {100 * v / r['train_tflops_per_image']:.1f} %"
+        for op, v in sorted(r["train_tflops_per_image_by_op"].items(), key=lambda kv: -kv[1])
+      )
+      print(f"    dense train FLOPs {1e3 * r['train_tflops_per_image']:.1f} GFLOP/image: {shares}")
+    if "native_dwconv_ms" in r:
+      print(
+        f"    native depthwise kernels: {r['native_dwconv_ms']:.1f} ms of ops per step, "
+        f"{r['native_dwconv_tflops_s']:.3f} TFLOP/s on the model's 7x7 depthwise FLOPs "
+        f"({100 * r['native_dwconv_tflops_s'] / r['peak_tflops_s']:.1f} % of the peak)"
       )
   print(
     json.dumps(

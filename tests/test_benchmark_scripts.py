@@ -4,9 +4,12 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from configs.common import model_config
@@ -30,7 +33,9 @@ def test_train_flops_per_image_is_three_forward_passes():
   cfg = model_config(variant="nano", spk="sl", attention="sisa", num_classes=10, timesteps=2)
   cfg.attention.partition = 4
   gmacs = energy.report(cfg, 32)["dense_gmacs_per_step"]
-  assert bench.train_flops_per_image(cfg, 32) == pytest.approx(6 * gmacs * 1e9 * 2)
+  by_op = bench.train_flops_per_image(cfg, 32)
+  assert sum(by_op.values()) == pytest.approx(6 * gmacs * 1e9 * 2)
+  assert by_op["dwconv7x7"] > 0 and by_op["sisa attention"] > 0
   assert bench.matmul_peak_tflops("float32", n=128, repeats=2) > 0
 
 
@@ -110,9 +115,31 @@ def test_top_ops_sums_hlo_ops_on_device_tracks():
   assert got["tracks"] == "device" and got["total_ms"] == 3.75
   assert got["ops"] == [["convolution.7", 2.0, 1], ["fusion.2", 1.5, 2]]
   assert got["kinds"] == [["convolution", 2.0, 1], ["fusion", 1.75, 3]]
+  assert got["custom_calls"] == []
   # XLA:CPU: no device tracks; the ops run on host threads, Python frames are not ops.
   cpu = [x(1, "$api.py:1 f", 50.0), x(1, "ynn_fusion", 100.0, "ynn_fusion.4")]
   assert bench.top_ops(cpu, top=5)["ops"] == [["ynn_fusion.4", 0.1, 1]]
+  # Custom calls are summed per target, all of them (not cut to `top`).
+  cpu += [x(1, "ffi_call.1", 300.0, "ffi_call.1"), x(1, "ffi_call.2", 200.0, "ffi_call.2")]
+  cpu += [x(1, "ffi_call.3", 400.0, "ffi_call.3")]
+  targets = {"ffi_call.1": "fwd", "ffi_call.2": "fwd", "ffi_call.3": "bwd"}
+  got = bench.top_ops(cpu, top=1, targets=targets)
+  assert got["custom_calls"] == [["fwd", 0.5, 2], ["bwd", 0.4, 1]]
+
+
+def test_custom_call_targets_names_the_native_depthwise_kernels():
+  spec = importlib.util.spec_from_file_location("bench_model", REPO / "benchmarks" / "model.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  from spikeatconv_jax.layers import dwconv_native
+
+  x, k = jnp.ones((2, 8, 8, 16)), jnp.ones((7, 7, 16, 1))
+  loss = lambda x, k: dwconv_native.depthwise_conv2d_native(x, k).sum()
+  hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, k).compile().as_text()
+  targets = bench.custom_call_targets(hlo)
+  assert set(dwconv_native.KERNEL_TARGETS) <= set(targets.values())
+  for name in targets:  # each maps back to its defining line
+    assert re.search(rf"%?{re.escape(name)} = .*custom-call\(", hlo)
 
 
 def test_model_benchmark_keeps_timings_when_profiling_fails(monkeypatch):
@@ -122,7 +149,7 @@ def test_model_benchmark_keeps_timings_when_profiling_fails(monkeypatch):
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
 
-  def no_profiler(fn, top):
+  def no_profiler(fn, top, targets=None):
     raise RuntimeError("no CUPTI")
 
   monkeypatch.setattr(bench, "profile_step", no_profiler)

@@ -44,6 +44,8 @@ TARGETS = {
   "barrier": "SpikeAtConvFusionBarrier",
 }
 _FFI_NAME = "spikeatconv_dwconv_{}"
+# The custom-call targets of the three conv kernels in a compiled module (profiles count them).
+KERNEL_TARGETS = tuple(_FFI_NAME.format(k) for k in ("fwd", "bwd_input", "bwd_kernel"))
 _log = logging.getLogger(__name__)
 
 
