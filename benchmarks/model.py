@@ -26,12 +26,16 @@ instruction count.
 
 --profile-top N profiles one more train step (jax.profiler, perfetto trace in a temp dir) and
 lists the N ops with the most time: on a GPU/TPU the kernels on the device's tracks, summed by
-HLO op; on CPU the XLA ops on the host threads.
+HLO op; on CPU the XLA ops on the host threads. It also sums every custom call per target (on
+CPU: the native depthwise kernels, forward / input gradient / kernel gradient).
 
 --mfu adds model FLOPs utilisation: dense train FLOPs per image (3 x 2 x dense MACs per step x T,
 energy.report's count) times train images/s, over the peak matmul rate measured in the same run
 (--peak-tflops gives one instead, e.g. a GPU's spec-sheet bf16 rate). On GPU/TPU the row also
-holds the device's peak memory in use (allocator statistics).
+holds the device's peak memory in use (allocator statistics). The dense FLOPs are also split by
+layer op (linear, dwconv7x7, ...); with --profile-top on CPU the row then gives the native
+depthwise kernels' rate inside the step (the model's 7x7 depthwise FLOPs over those kernels'
+time), which bounds how close the spiking step can come to the spike-free one.
 
 Prints a readable table and then ONE JSON line.
 """
