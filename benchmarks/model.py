@@ -101,16 +101,22 @@ def matmul_peak_tflops(dtype: str, n: int | None = None, repeats: int = 15) -> f
   return 2 * n**3 / _time(lambda: mm(a, a), repeats, reduce=min) / 1e12
 
 
-def train_flops_per_image(cfg, size: int) -> dict[str, float]:
-  """Dense train FLOPs per image by layer op ("linear", "dwconv7x7", "sisa attention", ...):
-  3 x (forward: 2 x dense MACs per step x T), the usual forward + 2x backward estimate over
-  weight layers and attention products (energy.report's count, DESIGN.md §7); elementwise,
-  norm and LIF work is not counted. The total is the sum of the values."""
+def train_flops_by_layer(cfg, size: int) -> list[tuple[str, float]]:
+  """Dense train FLOPs per image of each weight layer and attention product, as (op, FLOPs)
+  with op "linear", "dwconv7x7", "sisa attention", ...: 3 x (forward: 2 x dense MACs per step
+  x T), the usual forward + 2x backward estimate (energy.report's count, DESIGN.md §7);
+  elementwise, norm and LIF work is not counted."""
   from spikeatconv_jax import energy
 
+  t = int(cfg.timesteps)
+  return [(row["op"], 3 * 2 * row["dense_macs"] * t) for row in energy.report(cfg, size)["rows"]]
+
+
+def train_flops_per_image(cfg, size: int) -> dict[str, float]:
+  """`train_flops_by_layer` summed per op; the total is the sum of the values."""
   by_op: dict[str, float] = {}
-  for row in energy.report(cfg, size)["rows"]:
-    by_op[row["op"]] = by_op.get(row["op"], 0.0) + 3 * 2 * row["dense_macs"] * int(cfg.timesteps)
+  for op, flops in train_flops_by_layer(cfg, size):
+    by_op[op] = by_op.get(op, 0.0) + flops
   return by_op
 
 
@@ -292,9 +298,13 @@ def prepare_setting(args, t: int, net: str) -> tuple[dict, dict]:
   )
   jax.block_until_ready(step(params, stats, opt_state, images, labels, rng))
   if args.mfu:
-    by_op = train_flops_per_image(cfg, size)
-    out["train_tflops_per_image"] = sum(by_op.values()) / 1e12
-    out["train_tflops_per_image_by_op"] = {k: v / 1e12 for k, v in by_op.items()}
+    layers = train_flops_by_layer(cfg, size)
+    by_op: dict[str, float] = {}
+    for op, flops in layers:
+      by_op[op] = by_op.get(op, 0.0) + flops / 1e12
+    out["train_tflops_per_image"] = sum(by_op.values())
+    out["train_tflops_per_image_by_op"] = by_op
+    out["dwconv7x7_layers"] = sum(op == "dwconv7x7" for op, _ in layers)
 
   def train():
     return step(params, stats, opt_state, images, labels, rng)
@@ -339,17 +349,15 @@ def measure(args, settings: list[tuple[dict, dict]]) -> list[dict]:
         out["peak_tflops_s"] = args.peak_tflops or matmul_peak_tflops(args.dtype)
         out["peak_source"] = "given" if args.peak_tflops else f"measured {args.dtype} matmul"
         out["mfu"] = out["train_tflops_s"] / out["peak_tflops_s"]
-        native = [
-          ms
-          for target, ms, _ in out.get("train_profile", {}).get("custom_calls", [])
-          if target in dwconv_native.KERNEL_TARGETS
-        ]
+        calls = {t: (ms, n) for t, ms, n in out.get("train_profile", {}).get("custom_calls", [])}
+        native_ms = sum(calls.get(t, (0.0, 0))[0] for t in dwconv_native.KERNEL_TARGETS)
+        forward_calls = calls.get(dwconv_native.KERNEL_TARGETS[0], (0.0, 0))[1]
         dw = out["train_tflops_per_image_by_op"].get("dwconv7x7", 0.0) * b
-        if native and dw:
-          # The rate of the native depthwise kernels inside the step: exact when every 7x7
-          # depthwise conv of the model runs natively (tiny/base/large at 224 px on CPU).
-          out["native_dwconv_ms"] = sum(native)
-          out["native_dwconv_tflops_s"] = dw / (sum(native) / 1e3)
+        # The native kernels' rate on the model's depthwise FLOPs, when every 7x7 depthwise
+        # layer ran a native forward call (not, e.g., the Toeplitz matmul of small maps on CPU).
+        if native_ms and dw and forward_calls >= out["dwconv7x7_layers"]:
+          out["native_dwconv_ms"] = native_ms
+          out["native_dwconv_tflops_s"] = dw / (native_ms / 1e3)
     rows.append(out)
   return rows
 

@@ -159,6 +159,34 @@ def test_model_benchmark_keeps_timings_when_profiling_fails(monkeypatch):
   assert "train_profile" not in row
 
 
+def test_model_benchmark_gives_the_native_kernels_rate_only_when_all_depthwise_convs_ran_them(
+  monkeypatch,
+):
+  import argparse
+
+  spec = importlib.util.spec_from_file_location("bench_model", REPO / "benchmarks" / "model.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  fwd, bwd_input, bwd_kernel = bench.dwconv_native.KERNEL_TARGETS
+  calls = [[fwd, 10.0, 2], [bwd_input, 20.0, 2], [bwd_kernel, 30.0, 2], ["barrier", 5.0, 9]]
+  monkeypatch.setattr(bench, "profile_step", lambda fn, top, targets=None: {"custom_calls": calls})
+  args = argparse.Namespace(repeats=1, interleave=False, mfu=True, profile_top=3, peak_tflops=1.0)
+
+  def row(layers):
+    by_op = {"dwconv7x7": 0.004, "linear": 0.006}  # TFLOP per image
+    return dict(
+      batch=2, train_tflops_per_image=0.01, train_tflops_per_image_by_op=by_op,
+      dwconv7x7_layers=layers,
+    )  # fmt: skip
+
+  (got,) = bench.measure(args, [(row(2), {"train": lambda: 0})])
+  assert got["native_dwconv_ms"] == 60.0  # the three kernels, not the barrier
+  assert got["native_dwconv_tflops_s"] == pytest.approx(2 * 0.004 / 0.060)
+  # Three depthwise layers but two forward calls: one ran elsewhere, so no rate.
+  (got,) = bench.measure(args, [(row(3), {"train": lambda: 0})])
+  assert "native_dwconv_ms" not in got and "native_dwconv_tflops_s" not in got
+
+
 @pytest.mark.slow
 def test_sharded_step_benchmark_runs_the_custom_calls_without_gathering():
   # The real train step on 2 host devices; the native depthwise calls are partitioned, so the
