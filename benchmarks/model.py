@@ -112,10 +112,10 @@ def train_flops_by_layer(cfg, size: int) -> list[tuple[str, float]]:
   return [(row["op"], 3 * 2 * row["dense_macs"] * t) for row in energy.report(cfg, size)["rows"]]
 
 
-def train_flops_per_image(cfg, size: int) -> dict[str, float]:
-  """`train_flops_by_layer` summed per op; the total is the sum of the values."""
+def flops_by_op(layers: list[tuple[str, float]]) -> dict[str, float]:
+  """`train_flops_by_layer`'s rows summed per op."""
   by_op: dict[str, float] = {}
-  for op, flops in train_flops_by_layer(cfg, size):
+  for op, flops in layers:
     by_op[op] = by_op.get(op, 0.0) + flops
   return by_op
 
@@ -299,9 +299,7 @@ def prepare_setting(args, t: int, net: str) -> tuple[dict, dict]:
   jax.block_until_ready(step(params, stats, opt_state, images, labels, rng))
   if args.mfu:
     layers = train_flops_by_layer(cfg, size)
-    by_op: dict[str, float] = {}
-    for op, flops in layers:
-      by_op[op] = by_op.get(op, 0.0) + flops / 1e12
+    by_op = {op: flops / 1e12 for op, flops in flops_by_op(layers).items()}
     out["train_tflops_per_image"] = sum(by_op.values())
     out["train_tflops_per_image_by_op"] = by_op
     out["dwconv7x7_layers"] = sum(op == "dwconv7x7" for op, _ in layers)

@@ -26,14 +26,16 @@ def test_gpu_script_parses_and_refuses_a_cpu_backend():
   assert r.returncode == 2 and "not a GPU" in r.stderr, r.stderr
 
 
-def test_train_flops_per_image_is_three_forward_passes():
+def test_train_flops_are_three_forward_passes():
   spec = importlib.util.spec_from_file_location("bench_model", REPO / "benchmarks" / "model.py")
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
   cfg = model_config(variant="nano", spk="sl", attention="sisa", num_classes=10, timesteps=2)
   cfg.attention.partition = 4
   gmacs = energy.report(cfg, 32)["dense_gmacs_per_step"]
-  by_op = bench.train_flops_per_image(cfg, 32)
+  layers = bench.train_flops_by_layer(cfg, 32)
+  assert sum(flops for _, flops in layers) == pytest.approx(6 * gmacs * 1e9 * 2)
+  by_op = bench.flops_by_op(layers)
   assert sum(by_op.values()) == pytest.approx(6 * gmacs * 1e9 * 2)
   assert by_op["dwconv7x7"] > 0 and by_op["sisa attention"] > 0
   assert bench.matmul_peak_tflops("float32", n=128, repeats=2) > 0
