@@ -1,4 +1,5 @@
-"""Checkpointer: restore onto another mesh, keep-N, config/shape mismatch errors, SIGTERM flag."""
+"""Checkpointer: restore onto another mesh, keep-N, config/shape mismatch errors, unreadable
+checkpoints, URL directories, the SIGTERM flag."""
 
 import os
 import signal
@@ -122,3 +123,96 @@ def test_stop_signal_sets_a_flag_and_restores_the_handler():
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop and stop.received == signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _abstract_target(width=8):
+  shapes = jax.eval_shape(lambda: _state(width=width))
+  mesh = sharding.make_mesh((("data", -1),))
+  return abstract_with_shardings(shapes, sharding.state_shardings(shapes, mesh))
+
+
+def damage_largest_file(step_dir) -> str:
+  """Overwrites the largest file under `step_dir` with random bytes of the same size."""
+  files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+  path = max(files, key=os.path.getsize)
+  size = os.path.getsize(path)
+  with open(path, "wb") as f:
+    f.write(np.random.RandomState(0).bytes(size))
+  return path
+
+
+def _saved(directory, steps, width=64):
+  ck = checkpoint.Checkpointer(directory, keep=5)
+  for step in steps:
+    ck.save(step, _state(scale=float(step), width=width), {"step": step})
+  ck.close()
+
+
+# The abandoned reads of a failed restore must not print tracebacks.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_unreadable_latest_falls_back_to_the_newest_readable(tmp_path, caplog):
+  directory = str(tmp_path / "ck")
+  _saved(directory, (1, 2, 3))
+  damage_largest_file(os.path.join(directory, "3"))
+  ck = checkpoint.Checkpointer(directory, keep=5)
+  target = _abstract_target(width=64)
+  with pytest.raises(checkpoint.CheckpointUnreadableError, match=r"ck/3 cannot be read: ") as e:
+    ck.restore(3, target)
+  assert len(str(e.value).splitlines()) == 1
+  caplog.clear()
+  step, state, meta = ck.restore_latest_readable(target)
+  assert step == 2 and meta == {"step": 2}
+  np.testing.assert_array_equal(np.asarray(state.params["dense"]["bias"]), np.full(64, 2.0))
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1, warnings
+  assert "ck/3 cannot be read: " in warnings[0] and "using step 2 instead" in warnings[0]
+  # Moved aside, not deleted, so that step 3 can be written again.
+  assert ck.all_steps() == [1, 2]
+  assert os.path.isdir(str(tmp_path / "ck.unreadable" / "3"))
+  ck.save(3, _state(scale=5.0, width=64), {"step": 3}, force=True)
+  ck.close()
+  ck = checkpoint.Checkpointer(directory, read_only=True)
+  assert ck.restore_latest_readable(target)[0] == 3
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_read_only_fallback_moves_nothing_and_no_readable_one_is_an_error(tmp_path, caplog):
+  directory = str(tmp_path / "ck")
+  _saved(directory, (1, 2))
+  damage_largest_file(os.path.join(directory, "2"))
+  target = _abstract_target(width=64)
+  ck = checkpoint.Checkpointer(directory, read_only=True)
+  assert ck.restore_latest_readable(target)[0] == 1
+  assert ck.all_steps() == [1, 2] and not os.path.exists(str(tmp_path / "ck.unreadable"))
+  damage_largest_file(os.path.join(directory, "1"))
+  with pytest.raises(checkpoint.CheckpointUnreadableError, match=r"no checkpoint in .* can be"):
+    ck.restore_latest_readable(target)
+  ck.close()
+  assert checkpoint.Checkpointer(str(tmp_path / "empty")).restore_latest_readable(target) is None
+
+
+def test_damaged_metadata_is_unreadable_not_a_mismatch(tmp_path):
+  directory = str(tmp_path / "ck")
+  saved = model_config(variant="nano", spk="mbpl")
+  ck = checkpoint.Checkpointer(directory, keep=5)
+  for step in (1, 2):
+    ck.save(step, _state(width=8), {"step": step, "model_config": checkpoint.config_to_dict(saved)})
+  ck.close()
+  with open(os.path.join(directory, "2", "meta", "metadata"), "w") as f:
+    f.write("{not json")
+  ck = checkpoint.Checkpointer(directory, keep=5)
+  with pytest.raises(checkpoint.CheckpointUnreadableError):
+    ck.meta(2)
+  ck.check_model_config(2, saved)  # the restore reports it, not the config check
+  assert ck.restore_latest_readable(_abstract_target(), saved)[0] == 1
+  # A readable checkpoint of another model is still a clear mismatch, never skipped.
+  other = model_config(variant="tiny", spk="sl", timesteps=2)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="different model config"):
+    ck.restore_latest_readable(_abstract_target(), other)
+  ck.close()
+
+
+def test_url_directory_is_not_made_local():
+  url = checkpoint.as_path("gs://bucket/run/checkpoints")
+  assert str(url) == "gs://bucket/run/checkpoints" and str(url / "3") == url.as_posix() + "/3"
+  assert str(checkpoint.as_path("rel/ck")) == os.path.join(os.getcwd(), "rel", "ck")
