@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from spikeatconv_jax.layers import common, dwconv
+from spikeatconv_jax.layers import common
 from spikeatconv_jax.layers.attention import AttentionCore
 from spikeatconv_jax.layers.dwconv import DepthwiseConv
 from spikeatconv_jax.snn.spk import DEFAULT_THRESHOLDS, SPK
@@ -61,19 +61,31 @@ def _trace(model_config: Any, image_size: int) -> dict[str, Any]:
     cfg = copy.deepcopy(model_config)
   if cfg.get("time_mode", "network") != "neuron":
     cfg.timesteps = 1  # dense counts are per step; T enters only as the stated factor
+  # Scanned blocks are traced once under a stacked name and rematerialised ones twice; neither
+  # changes a layer's shapes or its parameter names, so the count traces every block unrolled
+  # and the report reads the same (and matches the sown rates' site names) either way.
+  # The portable forms: what is counted is the same in every form, and they trace fastest.
+  with cfg.unlocked():
+    cfg.scan_blocks = False
+    cfg.remat = False
+    cfg.kernels = "xla"
   module = models.build(cfg)
   layers, spks, cores = [], {}, []
+  # The SPK site that ran last before each module was entered: its input (common.SRC_INPUT).
+  last_site, inputs = [common.SRC_REAL], {}
 
   def interceptor(next_fun, args, kwargs, context):
     mod = context.module
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
+    inputs.setdefault(_path(mod), last_site[0])
     out = next_fun(*args, **kwargs)
     if isinstance(mod, SPK):
       n_branch = 0 if mod.kind == "none" else len(mod.thresholds or DEFAULT_THRESHOLDS[mod.kind])
       spks[_path(mod)] = dict(
         kind=mod.kind, merge=mod.mbpl_merge, branches=n_branch, neuron_t=mod.neuron_timesteps
       )
+      last_site[0] = _path(mod)
     elif isinstance(mod, nn.Dense | nn.Conv | DepthwiseConv):
       # A branch-summed DepthwiseConv takes its K inputs as a sequence (fan-in counts all K).
       x = args[0][0] if isinstance(args[0], list | tuple) else args[0]
@@ -104,11 +116,9 @@ def _trace(model_config: Any, image_size: int) -> dict[str, Any]:
 
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
-  # Trace with lax's depthwise conv: the shapes (all that is counted) are the same, and the
-  # CPU shift-sum implementation is much slower to trace for the many MBPL merge convs.
-  with dwconv.using("lax"), nn.intercept_methods(interceptor):
+  with nn.intercept_methods(interceptor):
     jax.eval_shape(lambda: module.init(rngs, images, train=False))
-  return dict(layers=layers, spks=spks, cores=cores)
+  return dict(layers=layers, spks=spks, cores=cores, inputs=inputs)
 
 
 def _declared_source(parent: nn.Module, local: str) -> str:
@@ -121,13 +131,14 @@ def _declared_source(parent: nn.Module, local: str) -> str:
   return table[local]
 
 
-def _resolve(parent: nn.Module, source: str, spks: dict[str, Any]) -> str:
+def _resolve(parent: nn.Module, source: str, tr: dict[str, Any]) -> str:
   """A declared source -> an SPK site path or a marker (common.SRC_*)."""
+  spks = tr["spks"]
   for option in source.split("|"):
     if option in (common.SRC_IMAGE, common.SRC_REAL_ONCE, common.SRC_REAL):
       return option
-    if option.startswith("@"):
-      option = getattr(parent, option[1:])
+    if option == common.SRC_INPUT:
+      option = tr["inputs"][_path(parent)]
     elif "/" not in option:
       option = "/".join(parent.scope.path + (option,))
     if option in spks:
@@ -230,7 +241,7 @@ def report(
       else:
         add(layer["name"], layer["op"], macs, f"{site} (real input)", MAC_T, None, None)
       continue
-    src = _resolve(parent, _declared_source(parent, local), spks)
+    src = _resolve(parent, _declared_source(parent, local), tr)
     if src in (common.SRC_IMAGE, common.SRC_REAL_ONCE):
       add(layer["name"], layer["op"], macs, src, MAC_ONCE, None, None)
     elif src == common.SRC_REAL:

@@ -127,8 +127,14 @@ def test_spike_free_is_all_mac():
 
 
 def test_base_dense_gmacs_match_design():
-  rep = energy.report(model_config(variant="base", spk="sl", num_classes=1000), 224)
+  """The ImageNet preset (scanned blocks, bfloat16) counts all of Base's layers and sites."""
+  from configs import imagenet
+
+  cfg = imagenet.get_config("variant=base,spk=sl").model
+  assert cfg.scan_blocks
+  rep = energy.report(cfg, 224)
   assert abs(rep["dense_gmacs_per_step"] - 24.1) / 24.1 < 0.02
+  assert len(energy._trace(cfg, 224)["spks"]) == 221
 
 
 def test_resnet18_cifar_dense_macs():
@@ -153,3 +159,28 @@ def test_neuron_time_mode_counts_each_repeated_step_as_a_plane():
   expected_pj = energy.E_MAC_PJ * (once + mac_t) + energy.E_AC_PJ * T * 0.2 * ac
   assert rep["total_energy_mj"] == pytest.approx(expected_pj * 1e-9, rel=1e-6)
   assert "time_mode='neuron'" in rep["notes"][-1]
+
+
+def test_scanned_blocks_give_the_same_report():
+  """The ImageNet presets scan each stage's repeated blocks (traced once under a stacked name,
+  while the sown rates keep per-block names): the report is the one of the unrolled model.
+  tests/test_imagenet_presets.py repeats this with rates measured by a scanned model."""
+  cfg = model_config(variant="tiny", spk="mbpl", num_classes=10, timesteps=2)
+  cfg.attention.partition = 4  # 32 px: stage maps 8/4/2/1
+  sites = _sites(cfg)
+  assert "stage2/block5/conv/spk_in" in sites
+  rng = np.random.default_rng(0)
+  rates = {s: rng.uniform(0.0, 0.3, (4, 2)) for s in sites}
+  cfg.scan_blocks = True
+  assert _sites(cfg) == sites
+  for given in (None, rates):
+    cfg.scan_blocks = False
+    unrolled = energy.report(cfg, 32, given)
+    cfg.scan_blocks = True
+    scanned = energy.report(cfg, 32, given)
+    assert scanned["rows"] == unrolled["rows"]
+    for key in ("total_energy_mj", "dense_gmacs_per_step", "ac_energy_mj", "mac_energy_mj"):
+      assert scanned[key] == unrolled[key], key
+  assert scanned["rates_measured"] and any(
+    r["name"] == "stage2/block5/conv/fc1" for r in scanned["rows"]
+  )

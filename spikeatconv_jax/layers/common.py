@@ -32,6 +32,7 @@ Dtype = Any
 SRC_IMAGE = "image"  # the static input image: MAC, counted once
 SRC_REAL_ONCE = "real_once"  # real input computed once (before the broadcast over T): MAC once
 SRC_REAL = "real"  # real-valued input at every step: MAC x T
+SRC_INPUT = "input"  # the owning module's input: the last SPK site that ran before it was called
 
 KERNEL_INIT = nn.initializers.truncated_normal(0.02)
 BIAS_INIT = nn.initializers.zeros

@@ -41,13 +41,12 @@ class BasicBlock(nn.Module):
   width: int
   stride: int
   cfg: Any
-  in_site: str  # path of the SPK site that produced this block's input (for energy.py)
   dtype: Any = jnp.float32
 
   ENERGY_SOURCES: ClassVar[dict[str, str]] = {
-    "conv1": "@in_site|" + common.SRC_REAL,
+    "conv1": common.SRC_INPUT + "|" + common.SRC_REAL,
     "conv2": "spk1|" + common.SRC_REAL,
-    "shortcut_conv": "@in_site|" + common.SRC_REAL,
+    "shortcut_conv": common.SRC_INPUT + "|" + common.SRC_REAL,
   }
 
   @nn.compact
@@ -74,7 +73,6 @@ class _Stage(nn.Module):
   width: int
   stride: int
   cfg: Any
-  in_site: str
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -82,18 +80,9 @@ class _Stage(nn.Module):
     block_cls = BasicBlock
     if self.cfg.get("remat", False):
       block_cls = remat(BasicBlock, static_argnums=(2,))
-    site = self.in_site
     for b in range(BLOCKS_PER_STAGE):
-      blk = block_cls(
-        self.width,
-        self.stride if b == 0 else 1,
-        self.cfg,
-        site,
-        dtype=self.dtype,
-        name=f"block{b}",
-      )
-      x = blk(x, train)
-      site = "/".join(self.scope.path + (f"block{b}", "spk2"))
+      stride = self.stride if b == 0 else 1
+      x = block_cls(self.width, stride, self.cfg, dtype=self.dtype, name=f"block{b}")(x, train)
     return x
 
 
@@ -124,10 +113,8 @@ class ResNet18(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     dt = DTYPES[self.cfg.get("dtype", "float32")]
     x = _Stem(self.cfg, dtype=dt, name="stem")(images, train=train)
-    site = "stem/spk"
     for s, (width, stride) in enumerate(zip(WIDTHS, STRIDES, strict=True)):
-      x = _Stage(width, stride, self.cfg, site, dtype=dt, name=f"stage{s}")(x, train)
-      site = f"stage{s}/block{BLOCKS_PER_STAGE - 1}/spk2"
+      x = _Stage(width, stride, self.cfg, dtype=dt, name=f"stage{s}")(x, train)
     x = jnp.mean(x, axis=(2, 3))  # GAP: [T, B, 512]
     logits = common.dense(self.cfg.num_classes, use_bias=True, dtype=dt, name="head")(x)
     return jnp.mean(logits.astype(jnp.float32), axis=0)
