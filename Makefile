@@ -17,8 +17,10 @@ $(VENV)/.installed: requirements.txt
 	$(VPY) -m pip install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
-	$(VPY) -m pip install -q -r requirements-dev.txt
+# requirements-tpu.txt: libtpu, for scripts/compile_tpu.py and its test (compiles for TPU slices
+# on this host; no TPU needed).
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt requirements-tpu.txt
+	$(VPY) -m pip install -q -r requirements-dev.txt -r requirements-tpu.txt
 	touch $@
 
 install: $(VENV)/.installed
