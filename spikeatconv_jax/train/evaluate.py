@@ -38,7 +38,8 @@ def evaluate_checkpoint(
   step: int | None = None,
   split: str | None = None,
 ) -> dict[str, Any]:
-  """Restores checkpoint `step` (latest when None) of `workdir` and evaluates `split`.
+  """Restores checkpoint `step` (the newest readable one when None) of `workdir` and evaluates
+  `split`.
 
   Returns:
     A JSON-ready dict: step, split, num_examples, top1, top5, loss, firing_rate (mean),
@@ -47,7 +48,8 @@ def evaluate_checkpoint(
 
   Raises:
     FileNotFoundError: no checkpoint (or not that step) in the workdir.
-    ValueError: the checkpoint was made with another model config or other shapes.
+    ValueError: the checkpoint was made with another model config or other shapes, or it
+      cannot be read (`checkpoint.CheckpointUnreadableError`, a one-line message).
   """
   workdir = os.path.abspath(workdir)
   split = split or config.dataset.eval_split
@@ -59,7 +61,8 @@ def evaluate_checkpoint(
   steps = ckpt.all_steps()
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {directory}")
-  if step is None:
+  latest = step is None
+  if latest:
     step = max(steps)
   elif step not in steps:
     raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {sorted(steps)}")
@@ -73,7 +76,11 @@ def evaluate_checkpoint(
   image_shape = tuple(first["image"].shape[1:])  # [H, W, C]
   shapes = state_lib.abstract_state(model, tx, image_shape, config.seed)
   shardings = sharding_lib.state_shardings(shapes, mesh)
-  state, _ = ckpt.restore(step, state_lib.abstract_with_shardings(shapes, shardings))
+  target = state_lib.abstract_with_shardings(shapes, shardings)
+  if latest:  # the newest readable one (a warning names each newer one that cannot be read)
+    step, state, _ = ckpt.restore_latest_readable(target)
+  else:
+    state, _ = ckpt.restore(step, target)
   ckpt.close()
 
   eval_step = step_lib.make_eval_step(model, config.model.num_classes, mesh, shardings)

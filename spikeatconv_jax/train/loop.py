@@ -26,7 +26,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers
-from jax.experimental import multihost_utils
 from orbax.checkpoint import multihost
 
 from spikeatconv_jax import checkpoint as ckpt_lib
@@ -235,6 +234,7 @@ def train_and_evaluate(
     os.path.join(workdir, "checkpoints"),
     every=config.checkpoint_every_steps,
     keep=config.keep_checkpoints,
+    devices=mesh.devices.flat,
   )
   start_step = ckpt.latest_step() or 0
   if start_step:
@@ -252,21 +252,29 @@ def train_and_evaluate(
   tx, schedule = optim.make_optimizer(
     config, total_steps=total_steps, steps_per_epoch=steps_per_epoch
   )
-  train_iter = pipeline.train_iterator(
-    config.dataset,
-    global_batch_size=config.batch_size,
-    sharding=batch_sharding,
-    seed=config.seed,
-    start_step=start_step,
-  )
-  first = next(train_iter)
+
+  def batches_from(start_step):
+    batches = pipeline.train_iterator(
+      config.dataset,
+      global_batch_size=config.batch_size,
+      sharding=batch_sharding,
+      seed=config.seed,
+      start_step=start_step,
+    )
+    first = next(batches)
+    return first, itertools.chain([first], batches)
+
+  first, train_iter = batches_from(start_step)
   image_shape = tuple(first["image"].shape[1:])  # [H, W, C]
-  train_iter = itertools.chain([first], train_iter)
   shapes = state_lib.abstract_state(model, tx, image_shape, config.seed)
   shardings = sharding_lib.state_shardings(shapes, mesh)
   if start_step:
     target = state_lib.abstract_with_shardings(shapes, shardings)
-    state, meta = ckpt.restore(start_step, target, config.model)
+    # The newest checkpoint that can be read (a warning names each one that cannot).
+    restored, state, meta = ckpt.restore_latest_readable(target, config.model)
+    if restored != start_step:
+      start_step = restored
+      first, train_iter = batches_from(start_step)
     if meta.get("data_position", start_step) != start_step:
       raise ValueError(f"checkpoint {start_step} has data_position {meta['data_position']}")
   else:
@@ -305,7 +313,6 @@ def train_and_evaluate(
   train_values: dict[str, float] = {}
   eval_res: dict[str, Any] | None = None
   stopped = None
-  multi = jax.process_count() > 1
   with ckpt_lib.StopSignal() as signal_flag:
     acc, window, t_window = None, 0, time.time()
     while step < total_steps:
@@ -321,15 +328,10 @@ def train_and_evaluate(
       is_log = step % config.log_every_steps == 0 or step == total_steps
       is_save = step % config.checkpoint_every_steps == 0 or step == total_steps
       is_eval = step % config.eval_every_steps == 0 and step != total_steps
-      stop = bool(signal_flag) or (
+      # SIGTERM or a preemption notice: the same step on every process (checked every step).
+      stop = signal_flag.should_stop(step) or (
         stop_after_steps is not None and step - start_step >= stop_after_steps
       )
-      if multi and (is_log or is_save):
-        # Every process must agree to stop, or the others would wait in the next collective.
-        stop = bool(np.any(multihost_utils.process_allgather(np.int32(stop))))
-      elif multi:
-        stop = False
-      stop = stop or ckpt.reached_preemption(step)
       if not (is_log or is_save or is_eval or stop):
         continue
       host = jax.device_get(acc)
@@ -373,7 +375,7 @@ def train_and_evaluate(
     logging.info(
       "stopped at step %d (%s); checkpoint saved in %s. Run again with the same --workdir "
       "to resume.",
-      stopped, "signal" if signal_flag else "preemption or stop request", ckpt.directory,
+      stopped, signal_flag.stopped_by or "stop request", ckpt.directory,
     )  # fmt: skip
     writer.flush()
     ckpt.close()
