@@ -89,7 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.eval_split = "test"
   config.dataset.num_classes = 100
   config.dataset.image_size = 32
-  config.dataset.pp_train = "decode|flip_lr|rotate(30)|shear(10)|normalize('cifar100')"
+  config.dataset.pp_train = (
+    "decode|flip_lr|random_rotate(30)|random_shear(10)|normalize('cifar100')"
+  )
   config.dataset.pp_eval = "decode|normalize('cifar100')"
   config.dataset.shuffle_buffer = 50_000
   config.dataset.cache = True
@@ -129,6 +131,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.runlocal:
     config.batch_size = 16
     config.total_steps = 4
+    config.warmup_epochs = 0.25  # 1 of the 4 steps (train[:64] at batch 16: 4 steps per epoch)
     config.dataset.train_split = "train[:64]"
     config.dataset.eval_split = "test[:32]"
     config.dataset.shuffle_buffer = 64

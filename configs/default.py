@@ -33,8 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dataset.num_classes = 10
   config.dataset.image_size = 28
   # A 4-epoch run: random flips only, no crops or other augmentation.
-  config.dataset.pp_train = "fmnist_decode|flip_lr|normalize('fmnist')"
-  config.dataset.pp_eval = "fmnist_decode|normalize('fmnist')"
+  config.dataset.pp_train = "decode(1)|flip_lr|normalize('fashion_mnist')"
+  config.dataset.pp_eval = "decode(1)|normalize('fashion_mnist')"
   config.dataset.shuffle_buffer = 20_000
   config.dataset.cache = True
   config.dataset.prefetch = 2

@@ -137,3 +137,41 @@ def test_bfloat16_images_keep_dtype():
     images.astype(jnp.bfloat16),
   )
   assert out.dtype == jnp.bfloat16 and out.shape == images.shape
+
+
+def test_partners_stay_within_their_group():
+  # 3 groups of 2 (the device shards of a batch sharded 3 ways): i pairs with the other example
+  # of its own group, never with the reversed global batch's B-1-i.
+  images, labels = batch()
+  out_images, out_labels = mix_batch(
+    jax.random.key(1), images, labels, mixup_alpha=0.8, cutmix_alpha=0.0, num_groups=3
+  )
+  lam = own_weight(np.asarray(out_labels))[0]
+  partner = np.array([1, 0, 3, 2, 5, 4])
+  np.testing.assert_allclose(np.asarray(out_labels)[np.arange(B), partner], 1 - lam, rtol=1e-5)
+  want = lam * np.asarray(images) + (1 - lam) * np.asarray(images)[partner]
+  np.testing.assert_allclose(out_images, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="groups"):
+    mix_batch(jax.random.key(1), images, labels, mixup_alpha=0.8, cutmix_alpha=1.0, num_groups=4)
+
+
+def _compiled_mix_hlo(num_groups):
+  mesh = jax.make_mesh((8,), ("data",))
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  fn = jax.jit(
+    functools.partial(mix_batch, mixup_alpha=0.8, cutmix_alpha=1.0, num_groups=num_groups),
+    in_shardings=(replicated, sharded, sharded),
+    out_shardings=(sharded, sharded),
+  )
+  images = jax.ShapeDtypeStruct((16, H, W, C), jnp.float32)
+  labels = jax.ShapeDtypeStruct((16, K), jnp.float32)
+  return fn.lower(jax.random.key(0), images, labels).compile().as_text()
+
+
+def test_mixing_per_shard_moves_nothing_between_devices():
+  collectives = ("collective-permute", "all-to-all", "all-gather", "all-reduce")
+  per_shard = _compiled_mix_hlo(num_groups=8)
+  assert not [c for c in collectives if c in per_shard]
+  # The check can fail: pairing across the whole batch exchanges the shards.
+  assert [c for c in collectives if c in _compiled_mix_hlo(num_groups=1)]

@@ -45,16 +45,11 @@ CASES = {
   "central_crop": ("decode|central_crop(16)", JPEG, (16, 16, 3), tf.uint8, (0, 255)),
   "pad": ("decode(1)|pad(2)", PNG, (32, 32, 1), tf.uint8, (0, 255)),
   "pad_to": ("decode(1)|pad_to(31)", PNG, (31, 31, 1), tf.uint8, (0, 255)),
-  "fmnist_decode": ("fmnist_decode", PNG, (28, 28, 1), tf.uint8, (0, 255)),
-  "rotate": ("decode|rotate(30)", JPEG, (40, 56, 3), tf.uint8, (0, 255)),
-  "shear": ("decode|shear(10)", JPEG, (40, 56, 3), tf.uint8, (0, 255)),
   "random_crop": ("decode(1)|random_crop(28, pad=4)", PNG, (28, 28, 1), tf.uint8, (0, 255)),
   "flip_lr": ("decode|flip_lr", JPEG, (40, 56, 3), tf.uint8, (0, 255)),
   "random_rotate": ("decode|random_rotate(30)", JPEG, (40, 56, 3), tf.uint8, (0, 255)),
   "random_shear": ("decode|random_shear(10)", JPEG, (40, 56, 3), tf.uint8, (0, 255)),
   "normalize": ("decode|normalize('imagenet')", JPEG, (40, 56, 3), tf.float32, (-2.2, 2.7)),
-  "random_erase": (
-    "decode|normalize('imagenet')|random_erase(1.0)", JPEG, (40, 56, 3), tf.float32, (-8, 8)),
   "autoaugment": ("decode|autoaugment", JPEG, (40, 56, 3), tf.uint8, (0, 255)),
   "keep": ("decode|keep('image', 'label')", JPEG, (40, 56, 3), tf.uint8, (0, 255)),
 }  # fmt: skip
@@ -96,8 +91,8 @@ def test_pp_string_errors():
     ops.get_preprocess_fn("pad(x)")
   with pytest.raises(KeyError, match="_rng"):
     ops.get_preprocess_fn("flip_lr")({"image": tf.zeros([4, 4, 3], tf.uint8)})
-  with pytest.raises(ValueError, match="after normalize"):
-    run("random_erase(1.0)", np.zeros([8, 8, 3], np.uint8))
+  with pytest.raises(ValueError, match="runs on the device"):
+    run("random_erase(1.0)", np.zeros([8, 8, 3], np.float32))
 
 
 def test_decode_matches_pil():
@@ -117,17 +112,10 @@ def test_flip_lr_probability():
   assert np.array_equal(run("flip_lr(0.0)", image).numpy(), image)
 
 
-def test_pad_to_and_aliases():
+def test_pad_to():
   padded = run("pad_to(31)", GRAY[..., None]).numpy()
   np.testing.assert_array_equal(padded[1:29, 1:29, 0], GRAY)
   assert not padded[0].any() and not padded[29:].any()
-  np.testing.assert_array_equal(run("fmnist_decode", PNG).numpy(), run("decode(1)", PNG).numpy())
-  for alias, op in (("rotate", "random_rotate"), ("shear", "random_shear")):
-    np.testing.assert_array_equal(run(f"{alias}(10)", RAW, 3).numpy(), run(f"{op}(10)", RAW, 3))
-  np.testing.assert_array_equal(
-    run("normalize('fmnist')", GRAY[..., None]).numpy(),
-    run("normalize('fashion_mnist')", GRAY[..., None]).numpy(),
-  )
 
 
 def test_random_crop_is_a_window_of_the_padded_image():
@@ -200,19 +188,3 @@ def test_random_rotate_stays_in_range():
   outs = np.stack([run("random_rotate(30)", image, s).numpy() for s in range(20)])
   assert (outs[:, 10, 10] == 200).all()
   assert (outs[:, 0, 0] == 0).any() and (outs[:, 0, 0] == 200).any()
-
-
-def test_random_erase_box_and_probability():
-  image = np.zeros([40, 40, 3], np.float32)
-  fn = ops.get_preprocess_fn("random_erase(0.25)")
-  ds = tf.data.Dataset.range(400).map(lambda s: fn(ops.with_rng({"image": image}, s))["image"])
-  erased = 0
-  for out in ds.as_numpy_iterator():
-    changed = np.any(out != 0, axis=-1)
-    if changed.any():
-      erased += 1
-      rows, cols = np.where(changed)
-      box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-      assert changed.sum() == box  # one rectangle, all of it noise
-      assert 0.02 * 0.7 <= box / 1600 <= 1 / 3 * 1.3
-  assert 0.25 - 0.07 < erased / 400 < 0.25 + 0.07

@@ -1,4 +1,4 @@
-"""ImageNet from tiny ILSVRC2012 tars, and the preset pipelines end to end under mock_data."""
+"""ImageNet from tiny ILSVRC2012 tars, and the configs' pipelines end to end under mock_data."""
 
 import io
 import os
@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from configs import cifar100_resnet18, imagenet
 from spikeatconv_jax.data import pipeline
 
 SYNSETS = ("n01440764", "n01443537")  # the first two classes of tfds' labels.txt
@@ -55,11 +56,15 @@ def _mesh_sharding():
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
 
+def _dataset(config_module, **fields):
+  cfg = config_module.get_config().dataset
+  cfg.update(fields)
+  return cfg
+
+
 def test_imagenet_prepares_from_manual_tars_and_reads_back(tmp_path):
   manual = make_imagenet_tars(str(tmp_path / "manual"))
-  cfg = pipeline.dataset_config(
-    "imagenet2012", data_dir=str(tmp_path / "tfds"), source_dir=manual, shuffle_buffer=8
-  )
+  cfg = _dataset(imagenet, data_dir=str(tmp_path / "tfds"), source_dir=manual, shuffle_buffer=8)
   with pytest.raises(FileNotFoundError, match="docs/DATA.md"):
     pipeline.num_examples(cfg, "train")  # not prepared yet: a clear error, no download
   pipeline.prepare(cfg)
@@ -75,7 +80,7 @@ def test_imagenet_prepares_from_manual_tars_and_reads_back(tmp_path):
     want_val = [names.index(s) for s in f.read().split()[:4]]
 
   train = next(iter(pipeline.train_dataset(cfg, batch_size=6, seed=0)))
-  assert train["image"].shape == (6, 224, 224, 3) and train["image"].dtype == np.float32
+  assert train["image"].shape == (6, 224, 224, 3) and train["image"].dtype == np.uint8
   assert sorted(train["label"].numpy().tolist()) == [0, 0, 0, 1, 1, 1]
 
   batches = list(pipeline.eval_dataset(cfg, split="validation", batch_size=3))
@@ -93,18 +98,18 @@ def test_imagenet_prepares_from_manual_tars_and_reads_back(tmp_path):
   assert stored == {f"ILSVRC2012_val_{i + 1:08d}.JPEG": want_val[i] for i in range(4)}
 
 
-@pytest.mark.parametrize("name,size,eval_split", [
-  ("cifar100", 32, "test"),
-  ("imagenet2012", 224, "validation"),
+@pytest.mark.parametrize("config_module,size,eval_split", [
+  (cifar100_resnet18, 32, "test"),
+  (imagenet, 224, "validation"),
 ])  # fmt: skip
-def test_presets_end_to_end_under_mock_data(tmp_path, name, size, eval_split):
-  cfg = pipeline.dataset_config(name, data_dir=str(tmp_path), shuffle_buffer=16)
+def test_configs_end_to_end_under_mock_data(tmp_path, config_module, size, eval_split):
+  cfg = _dataset(config_module, data_dir=str(tmp_path), shuffle_buffer=16)
   sharding = _mesh_sharding()
   with tfds.testing.mock_data(num_examples=12):
     it = pipeline.train_iterator(cfg, global_batch_size=8, sharding=sharding, seed=0)
     for _ in range(2):  # crosses the epoch boundary (12 examples)
       batch = next(it)
-      assert batch["image"].shape == (8, size, size, 3) and batch["image"].dtype == np.float32
+      assert batch["image"].shape == (8, size, size, 3) and batch["image"].dtype == np.uint8
       assert batch["label"].dtype == np.int32
       assert 0 <= int(batch["label"].min()) and int(batch["label"].max()) < cfg.num_classes
       assert np.isfinite(np.asarray(batch["image"])).all()
@@ -113,6 +118,7 @@ def test_presets_end_to_end_under_mock_data(tmp_path, name, size, eval_split):
     )
     assert len(batches) == 2
     assert float(sum(b["mask"].sum() for b in batches)) == 12
-    # Normalised eval images: roughly zero mean, unit scale.
+    # Normalised on the device: roughly zero mean, unit scale.
     image = np.asarray(batches[0]["image"])
+    assert image.dtype == np.float32
     assert -3 < image.mean() < 3 and image.std() < 3

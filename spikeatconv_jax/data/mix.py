@@ -4,6 +4,10 @@ Batch mode as in timm's `Mixup` (mix_prob 1, DeiT/SDT-V2 recipes): one mixing we
 batch, each image mixed with its partner in the reversed batch; when both alphas are positive,
 CutMix is used with probability `switch_prob` and Mixup otherwise. CutMix's label weight is
 corrected to the exact pasted area (timm ``correct_lam``). Label smoothing is left to the loss.
+
+With ``num_groups = G`` the batch is G equal groups of consecutive examples (the device shards
+of a batch-sharded array) and each group is reversed on its own: every partner lives on the
+same device, so mixing moves no image between devices.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ def cutmix_box(rng, height: int, width: int, lam):
   return top, bottom, left, right
 
 
+def reverse_within_groups(x: jax.Array, num_groups: int) -> jax.Array:
+  """`x` with each of its `num_groups` equal groups of leading rows reversed in place."""
+  b = x.shape[0]
+  return x.reshape(num_groups, b // num_groups, *x.shape[1:])[:, ::-1].reshape(x.shape)
+
+
 def mix_batch(
   rng: jax.Array,
   images: jax.Array,
@@ -40,8 +50,9 @@ def mix_batch(
   mixup_alpha: float,
   cutmix_alpha: float,
   switch_prob: float = 0.5,
+  num_groups: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
-  """Mixes a batch with its reverse by Mixup or CutMix.
+  """Mixes a batch with its reverse (within each of `num_groups` groups) by Mixup or CutMix.
 
   Args:
     rng: PRNG key.
@@ -50,6 +61,8 @@ def mix_batch(
     mixup_alpha: Beta(α, α) parameter of Mixup; 0 disables Mixup.
     cutmix_alpha: Beta(α, α) parameter of CutMix; 0 disables CutMix.
     switch_prob: probability of CutMix when both are enabled.
+    num_groups: G; example i of group g (rows g*B/G .. (g+1)*B/G - 1) is paired with example
+      B/G - 1 - i of the same group. G = the number of batch shards keeps pairs on one device.
 
   Returns:
     (mixed images [B, H, W, C] of the input dtype, soft labels [B, K] float32).
@@ -59,13 +72,15 @@ def mix_batch(
   if images.ndim != 4 or labels_onehot.ndim != 2 or images.shape[0] != labels_onehot.shape[0]:
     raise ValueError(f"expected images [B,H,W,C] and labels [B,K], got {images.shape}, "
                      f"{labels_onehot.shape}")  # fmt: skip
+  if num_groups < 1 or images.shape[0] % num_groups:
+    raise ValueError(f"batch {images.shape[0]} does not split into {num_groups} groups")
   labels = labels_onehot.astype(jnp.float32)
   if mixup_alpha == 0 and cutmix_alpha == 0:
     return images, labels
   _, height, width, _ = images.shape
   k_switch, k_mix, k_cut, k_box = jax.random.split(rng, 4)
-  partner_images = images[::-1]  # [B, H, W, C]
-  partner_labels = labels[::-1]  # [B, K]
+  partner_images = reverse_within_groups(images, num_groups)  # [B, H, W, C]
+  partner_labels = reverse_within_groups(labels, num_groups)  # [B, K]
 
   if mixup_alpha > 0 and cutmix_alpha > 0:
     use_cutmix = jax.random.uniform(k_switch) < switch_prob

@@ -11,8 +11,10 @@ and every random op splits a fresh seed off it, so an example's augmentation dep
 (seed, epoch, index) and never on thread scheduling or on where a restart resumed. To call a
 random op by hand, use `with_rng`.
 
-Images are uint8 [H, W, C] until `normalize`, which returns float32; ops after it (e.g.
-`random_erase`) work on the normalised float image.
+Images are uint8 [H, W, C] until `normalize`, which returns float32. The training and eval
+pipelines stop before `normalize` and hand uint8 images to the device, where `normalize` and
+the ops after it (`random_erase`) run inside the jitted step (`device_ops.py`); the host
+`normalize` here gives the same values, for preprocessing files outside the pipeline.
 """
 
 from __future__ import annotations
@@ -23,21 +25,17 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from spikeatconv_jax.data.device_ops import MEAN_STD as MEAN_STD  # the named statistics
+from spikeatconv_jax.data.device_ops import normalize_constants
+
 Features = dict[str, tf.Tensor]
 Op = Callable[[Features], Features]
 
 RNG_KEY = "_rng"
 _REGISTRY: dict[str, Callable[..., Op]] = {}
 
-# Per-channel statistics in [0, 1] units.
-MEAN_STD = {
-  "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-  # CIFAR-100 train-set statistics, as used by the common PyTorch CIFAR-100 recipes.
-  "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-  # Fashion-MNIST train-set mean and std of pixel/255.
-  "fashion_mnist": ((0.2860,), (0.3530,)),
-}
-MEAN_STD["fmnist"] = MEAN_STD["fashion_mnist"]
+# Ops that exist only on the device (they follow normalize; see device_ops.py).
+DEVICE_ONLY = ("random_erase",)
 
 
 def register(name: str):
@@ -73,6 +71,10 @@ def get_op(spec: str) -> Op:
       raise ValueError(f"op {spec!r}: arguments must be Python literals") from None
   else:
     raise ValueError(f"op {spec!r} is neither `name` nor `name(args)`")
+  if name in DEVICE_ONLY:
+    raise ValueError(
+      f"preprocessing op {name!r} runs on the device, after normalize (data/device_ops.py)"
+    )
   if name not in _REGISTRY:
     raise ValueError(f"unknown preprocessing op {name!r}; registered: {registered_ops()}")
   return _REGISTRY[name](*args, **kwargs)
@@ -317,64 +319,12 @@ def random_shear(image, seed, max_degrees: float, fill=0, interpolation="NEAREST
 
 
 def normalize(image, mean="imagenet", std=None):
-  """float32 (image/255 - mean) / std; `mean` is a name in `MEAN_STD` or per-channel values."""
-  if isinstance(mean, str):
-    if mean not in MEAN_STD:
-      raise ValueError(f"normalize: unknown statistics {mean!r}; known: {sorted(MEAN_STD)}")
-    if std is not None:
-      raise ValueError("normalize: give either a statistics name or mean and std, not both")
-    mean, std = MEAN_STD[mean]
-  if std is None:
-    raise ValueError("normalize: std missing")
-  if len(mean) != len(std):
-    raise ValueError(f"normalize: {len(mean)} means but {len(std)} stds")
-  if image.shape[-1] is not None and len(mean) not in (1, image.shape[-1]):
-    raise ValueError(f"normalize: {len(mean)} channel statistics for {image.shape[-1]} ch")
-  # One multiply-add instead of divide, subtract, divide: (x/255 - m)/s = x*a + b.
-  scale = tf.constant([1.0 / (255.0 * s) for s in std], tf.float32)
-  offset = tf.constant([-m / s for m, s in zip(mean, std, strict=True)], tf.float32)
+  """float32 (image/255 - mean)/std; `mean` is a name in `MEAN_STD` or per-channel values."""
+  scale, offset = normalize_constants(mean, std)
+  if image.shape[-1] is not None and len(scale) not in (1, image.shape[-1]):
+    raise ValueError(f"normalize: {len(scale)} channel statistics for {image.shape[-1]} ch")
+  scale, offset = tf.constant(scale, tf.float32), tf.constant(offset, tf.float32)
   return tf.cast(image, tf.float32) * scale + offset
-
-
-def random_erase(
-  image, seed, p=0.25, area_min=0.02, area_max=1.0 / 3.0, ratio_min=0.3, ratio_max=1 / 0.3,
-  attempts=10,
-):  # fmt: skip
-  """Random erasing (Zhong et al. 2020) in timm's "pixel" mode, on a normalised float image.
-
-  With probability p, one box of area fraction U(area_min, area_max) and aspect ratio
-  log-uniform in [ratio_min, ratio_max] is filled with per-pixel N(0, 1) noise. As in timm,
-  up to `attempts` boxes are drawn and the first that fits inside the image is used (none
-  fitting means no erasing).
-  """
-  if image.dtype != tf.float32:
-    raise ValueError("random_erase works on the normalised float32 image; put it after normalize")
-  s_apply, s_area, s_ratio, s_top, s_left, s_noise = tf.unstack(
-    tf.random.experimental.stateless_split(seed, 6)
-  )
-  h = tf.shape(image)[0]
-  w = tf.shape(image)[1]
-  area = tf.cast(h * w, tf.float32)
-  target = area * _uniform(s_area, [attempts], area_min, area_max)
-  ratio = tf.exp(_uniform(s_ratio, [attempts], math.log(ratio_min), math.log(ratio_max)))
-  eh = tf.cast(tf.round(tf.sqrt(target * ratio)), tf.int32)  # [attempts]
-  ew = tf.cast(tf.round(tf.sqrt(target / ratio)), tf.int32)
-  fits = (eh < h) & (ew < w)
-  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-  eh, ew = eh[first], ew[first]
-  do = (_uniform(s_apply) < p) & tf.reduce_any(fits)
-  top = tf.cast(tf.floor(_uniform(s_top) * tf.cast(h - eh + 1, tf.float32)), tf.int32)
-  left = tf.cast(tf.floor(_uniform(s_left) * tf.cast(w - ew + 1, tf.float32)), tf.int32)
-
-  def erase():
-    # Noise only for the box, pasted by padding: most images are not erased (p), and boxes
-    # cover 2-33 % of the image, so this is far cheaper than full-image noise and a mask.
-    noise = tf.random.stateless_normal(tf.stack([eh, ew, tf.shape(image)[2]]), s_noise)
-    pads = tf.stack([[top, h - top - eh], [left, w - left - ew], [0, 0]])
-    inside = tf.pad(tf.ones([eh, ew, 1], tf.bool), pads)
-    return tf.where(inside, tf.pad(noise, pads), image)
-
-  return tf.cond(do, erase, lambda: image)
 
 
 register("decode")(image_op(decode))
@@ -389,13 +339,7 @@ register("random_crop")(image_op(random_crop, random=True))
 register("flip_lr")(image_op(flip_lr, random=True))
 register("random_rotate")(image_op(random_rotate, random=True))
 register("random_shear")(image_op(random_shear, random=True))
-# Names the configs use: rotate(d)/shear(d) are the random ±d° ops (torchvision's
-# RandomRotation / RandomAffine(shear=d) semantics); fmnist_decode is decode(1).
-register("rotate")(image_op(random_rotate, random=True))
-register("shear")(image_op(random_shear, random=True))
-register("fmnist_decode")(lambda key="image": image_op(decode)(1, key=key))
 register("normalize")(image_op(normalize))
-register("random_erase")(image_op(random_erase, random=True))
 
 
 @register("keep")

@@ -3,29 +3,36 @@
 Public API (the contract the training code uses):
 
 * `train_iterator(dataset_cfg, *, global_batch_size, sharding, seed, start_step=0)`: infinite
-  iterator of ``{"image": [B, H, W, C] float32, "label": [B] int32}`` global jax.Arrays.
+  iterator of ``{"image": [B, H, W, C] uint8, "label": [B] int32}`` global jax.Arrays.
 * `eval_iterator(dataset_cfg, *, split, global_batch_size, sharding)`: one pass over `split` in
   a fixed order, each batch with an extra ``"mask"`` [B] float32 (0 for padding).
 * `num_examples(dataset_cfg, split)`.
 
-Each process reads its own disjoint part of the split (`tfds.even_splits` by process index).
+The pp strings run up to their first ``normalize`` here, on the host, and the images cross to
+the device as uint8; ``normalize`` and the ops after it run inside the jitted step
+(`device_ops.apply`). Each process reads its own disjoint part of the split
+(`tfds.even_splits` by process index).
 
-Determinism and resume. The training stream of one process is the concatenation of epochs;
-epoch e is the process's shard, its n examples numbered in the stored order, shuffled with a
-seed derived from (seed, process, e): an exact permutation when ``cache=True`` (records held in
-memory), else a seeded shuffle buffer over the stored order. Each element's augmentation seed
-is derived from (seed, process, e, example number), so it does not depend on when or where the
-element is processed. Step s consumes stream elements [s*b, (s+1)*b) for the per-process batch
-b, so ``start_step=N`` starts at epoch ``N*b // n``, position ``N*b % n``: the batches equal
-those of an uninterrupted run from step N on. With ``cache=True`` the skip is free; without,
-it reads (without decoding) the records it skips, for ImageNet up to one epoch of one
-process's records at start-up.
+Training stream, shuffling and resume. The stream of one process is the concatenation of
+epochs. Epoch e puts the process's files (tfds file instructions) in a seeded random order and
+cuts that order into shuffle windows of about ``shuffle_buffer`` records (whole files, equal
+file counts); a window's files are read in parallel and its records come out in an exact
+seeded permutation. The window after the current one loads while the current one is consumed,
+across epoch boundaries too, so no epoch starts by refilling a buffer. Every seed derives from
+(seed, process, epoch[, window]), and each element's augmentation seed from (seed, process,
+epoch, its number in the stored order), independent of thread scheduling. Step s consumes
+stream elements [s*b, (s+1)*b) for the per-process batch b, so ``start_step=N`` begins at
+epoch ``N*b // n`` and, within it, at the window holding position ``N*b % n``: the windows
+before it are never read, and the batches equal those of an uninterrupted run from step N on.
+With ``cache=True`` (small datasets held in memory) each epoch is an exact permutation of the
+whole shard and the skip is free.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -38,7 +45,7 @@ import tensorflow_datasets as tfds
 
 # Importing autoaugment registers the "autoaugment" op. (TF_CPP_MIN_LOG_LEVEL is set in
 # spikeatconv_jax/data/__init__.py, before TensorFlow is imported.)
-from spikeatconv_jax.data import autoaugment, ops
+from spikeatconv_jax.data import autoaugment, device_ops, ops
 from spikeatconv_jax.data.builders import fashion_mnist
 
 del autoaugment
@@ -49,49 +56,17 @@ with contextlib.suppress(RuntimeError):  # Raised when TF already initialised it
   tf.config.set_visible_devices([], "GPU")
 tf.get_logger().setLevel("ERROR")
 
-PRESETS = {
-  "fashion_mnist_local": dict(
-    train_split="train",
-    eval_split="test",
-    pp_train="decode(1)|pad(2)|random_crop(32, pad=2)|flip_lr|normalize('fashion_mnist')",
-    pp_eval="decode(1)|pad(2)|normalize('fashion_mnist')",
-    shuffle_buffer=60_000,
-    cache=True,
-    num_classes=10,
-    image_size=32,
-  ),
-  "cifar100": dict(
-    train_split="train",
-    eval_split="test",
-    pp_train=("decode|flip_lr|random_rotate(30)|random_shear(10)|normalize('cifar100')"),
-    pp_eval="decode|normalize('cifar100')",
-    shuffle_buffer=50_000,
-    cache=True,
-    num_classes=100,
-    image_size=32,
-  ),
-  "imagenet2012": dict(
-    train_split="train",
-    eval_split="validation",
-    pp_train=(
-      "decode_jpeg_and_inception_crop(224)|flip_lr|autoaugment('imagenet')"
-      "|normalize('imagenet')|random_erase(0.25)"
-    ),
-    # timm eval: shorter side to floor(224 / 0.95) = 235, bicubic, then the central 224.
-    pp_eval="decode|resize_small(235)|central_crop(224)|normalize('imagenet')",
-    shuffle_buffer=10_000,
-    cache=False,
-    num_classes=1000,
-    image_size=224,
-  ),
-}
+# How many files of a shuffle window are read at once.
+READ_PARALLELISM = 16
 
 
-def dataset_config(name: str = "fashion_mnist_local", **overrides) -> ml_collections.ConfigDict:
-  """The ``config.dataset`` ConfigDict for a preset dataset (or any tfds name with overrides).
+def dataset_config(name: str, **fields) -> ml_collections.ConfigDict:
+  """A ``config.dataset`` ConfigDict for tfds dataset `name`, e.g. to `prepare` it by hand.
 
-  Fields: name, data_dir, source_dir, train_split, eval_split, pp_train, pp_eval,
-  shuffle_buffer, cache, num_classes, image_size, prefetch.
+  The experiment configs (configs/*.py) own the real values, preprocessing included; the
+  defaults here only make every field present. Fields: name, data_dir, source_dir,
+  train_split, eval_split, pp_train, pp_eval, shuffle_buffer, cache, num_classes,
+  image_size, prefetch.
   """
   base = dict(
     name=name,
@@ -99,19 +74,18 @@ def dataset_config(name: str = "fashion_mnist_local", **overrides) -> ml_collect
     source_dir=fashion_mnist.DEFAULT_SOURCE_DIR if name == "fashion_mnist_local" else None,
     train_split="train",
     eval_split="test",
-    pp_train="decode|normalize('imagenet')",
-    pp_eval="decode|normalize('imagenet')",
+    pp_train="decode",
+    pp_eval="decode",
     shuffle_buffer=10_000,
     cache=False,
     num_classes=-1,
     image_size=-1,
     prefetch=2,
   )
-  base.update(PRESETS.get(name, {}))
-  unknown = set(overrides) - set(base)
+  unknown = set(fields) - set(base)
   if unknown:
     raise ValueError(f"unknown dataset config fields {sorted(unknown)}; known: {sorted(base)}")
-  base.update(overrides)
+  base.update(fields)
   cfg = ml_collections.ConfigDict(base)
   for field in ("data_dir", "source_dir"):  # Keep them typed as optional strings.
     if cfg[field] is None:
@@ -220,20 +194,36 @@ def num_examples(cfg, split: str) -> int:
   return _split_size(get_builder(cfg), split)
 
 
-def _read(builder, split) -> tf.data.Dataset:
-  """The split's records in a fixed order, images left encoded (decoded by the pp ops)."""
+def _decoders(builder) -> dict | None:
+  """Images stay encoded when read; the pp string's decode op decodes them (or a crop of them)."""
   decoders = {
     k: tfds.decode.SkipDecoding()
     for k, f in builder.info.features.items()
     if isinstance(f, tfds.features.Image)
   }
+  return decoders or None
+
+
+def _read(builder, split) -> tf.data.Dataset:
+  """The split's records in a fixed order, images left encoded (decoded by the pp ops)."""
   ds = builder.as_dataset(
     split=split,
     shuffle_files=False,
-    decoders=decoders or None,
+    decoders=_decoders(builder),
     read_config=tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=False),
   )
   return ds.map(lambda ex: {k: ex[k] for k in ("image", "label")})
+
+
+def _file_instructions(builder, split) -> list | None:
+  """The (file, skip, take) pieces of `split`, or None where there are no files to index.
+
+  Mocked datasets (tfds.testing.mock_data) have no split metadata; datasets prepared in
+  another file format than TFRecord cannot be read with TFRecordDataset.
+  """
+  if not builder.info.splits or builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+    return None
+  return [fi for fi in builder.info.splits[split].file_instructions if fi.take > 0]
 
 
 def _in_memory(ds: tf.data.Dataset) -> dict[str, tf.Tensor]:
@@ -290,16 +280,120 @@ def _key(*ints) -> tf.Tensor:
 
 
 def _prep_fn(pp: str, keep_mask: bool = False):
-  pp_fn = ops.get_preprocess_fn(pp)
+  """The host part of `pp` (up to its first normalize) as ``prep(key, example)``.
+
+  Raises:
+    ValueError: a pp string the host/device cut rejects, or a host part whose images are not
+      uint8 (checked when the dataset is built).
+  """
+  host_pp, _ = device_ops.split_pp(pp)
+  pp_fn = ops.get_preprocess_fn(host_pp or "keep('image', 'label')")
 
   def prep(key, example):
     out = pp_fn(ops.with_rng(example, key))
-    result = {"image": tf.cast(out["image"], tf.float32), "label": tf.cast(out["label"], tf.int32)}
+    if out["image"].dtype != tf.uint8:
+      raise ValueError(
+        f"the host part {host_pp!r} of pp {pp!r} gives {out['image'].dtype.name} images; the "
+        "pipeline hands uint8 to the device (normalize runs there)"
+      )
+    result = {"image": out["image"], "label": tf.cast(out["label"], tf.int32)}
     if keep_mask:
       result["mask"] = tf.constant(1.0, tf.float32)
     return result
 
   return prep
+
+
+def _windows(takes: np.ndarray, shuffle_buffer: int) -> tuple[np.ndarray, int]:
+  """[num_windows, max files] positions in an epoch's file order (-1: none), and its width.
+
+  Windows hold whole files, about `shuffle_buffer` records each, with file counts differing by
+  at most one, so no window is a small remainder that the next one's loading could not hide
+  behind. ``shuffle_buffer <= 1`` means no shuffling: one file per window.
+  """
+  num_files = len(takes)
+  per_window = max(1, round(shuffle_buffer / max(float(np.mean(takes)), 1.0)))
+  if shuffle_buffer <= 1:
+    per_window = 1
+  num_windows = math.ceil(num_files / min(per_window, num_files))
+  bounds = [(j * num_files) // num_windows for j in range(num_windows + 1)]
+  width = max(bounds[j + 1] - bounds[j] for j in range(num_windows))
+  table = np.full([num_windows, width], -1, np.int64)
+  for j in range(num_windows):
+    table[j, : bounds[j + 1] - bounds[j]] = np.arange(bounds[j], bounds[j + 1])
+  return table, width
+
+
+def _read_file(filename: tf.Tensor, skip: tf.Tensor, take: tf.Tensor) -> tf.data.Dataset:
+  """Serialized records [skip, skip + take) of one TFRecord file (the skip reads headers only)."""
+  return tf.data.TFRecordDataset(filename).skip(skip).take(take)
+
+
+def _file_stream(cfg, builder, instructions, *, seed, process_index, first_epoch, skip):
+  """(key, example) of the shuffled, repeated file-backed stream from element `skip` of epoch
+  `first_epoch` on; see the module docstring."""
+  shuffle = int(cfg.get("shuffle_buffer", 0) or 0) > 1
+  takes = np.array([fi.take for fi in instructions], np.int64)
+  starts = np.concatenate([[0], np.cumsum(takes)[:-1]]).astype(np.int64)
+  table, width = _windows(takes, int(cfg.get("shuffle_buffer", 0) or 0))
+  num_files = len(instructions)
+  names = tf.constant([fi.filename for fi in instructions])
+  skips, takes_t = tf.constant([fi.skip for fi in instructions], tf.int64), tf.constant(takes)
+  starts_t, table_t = tf.constant(starts), tf.constant(table)
+
+  def file_order(e):
+    order = tf.range(num_files, dtype=tf.int64)
+    if shuffle:
+      order = tf.random.experimental.stateless_shuffle(order, _key(seed, process_index, e, -1))
+    return order
+
+  def windows_of(e):
+    order = file_order(e)
+    files = tf.where(table_t >= 0, tf.gather(order, tf.maximum(table_t, 0)), -1)
+    j = tf.range(tf.shape(files, out_type=tf.int64)[0])
+    return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(j), e), j, files))
+
+  def read_one(f):
+    # Each record with its number in the shard's stored order (its augmentation seed).
+    numbers = tf.data.Dataset.range(starts_t[f], starts_t[f] + takes_t[f])
+    return tf.data.Dataset.zip(numbers, _read_file(names[f], skips[f], takes_t[f]))
+
+  def load_window(e, j, files):
+    files = tf.boolean_mask(files, files >= 0)
+    records = tf.data.Dataset.from_tensor_slices(files).interleave(
+      read_one,
+      cycle_length=min(width, READ_PARALLELISM),
+      num_parallel_calls=min(width, READ_PARALLELISM),
+      deterministic=True,
+    )
+    numbers, serialized = records.batch(np.iinfo(np.int32).max).get_single_element()
+    if shuffle:
+      perm = tf.random.experimental.stateless_shuffle(
+        tf.range(tf.shape(numbers)[0]), _key(seed, process_index, e, -2, j)
+      )
+      numbers, serialized = tf.gather(numbers, perm), tf.gather(serialized, perm)
+    return tf.fill(tf.shape(numbers), e), numbers, serialized
+
+  # Where `skip` falls in the first epoch's windows (the same stateless shuffle, run eagerly).
+  order = file_order(tf.constant(first_epoch, tf.int64)).numpy()
+  sizes = [int(takes[order[row[row >= 0]]].sum()) for row in table]
+  ends = np.cumsum(sizes)
+  first_window = int(np.searchsorted(ends, skip, side="right"))
+  skip_in_window = skip - (int(ends[first_window - 1]) if first_window else 0)
+
+  ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(windows_of)
+  ds = ds.skip(first_window)  # window descriptions only: nothing is read for them
+  # One window loads ahead of the one being consumed.
+  ds = ds.map(load_window).prefetch(1).unbatch()
+  ds = ds.skip(skip_in_window)  # records of the already loaded window, not yet decoded
+  decoders = _decoders(builder)
+  features = builder.info.features
+
+  def parse(e, number, serialized):
+    example = features.deserialize_example(serialized, decoders=decoders)
+    return _key(seed, process_index, e, number), {k: example[k] for k in ("image", "label")}
+
+  return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def train_dataset(
@@ -321,8 +415,15 @@ def train_dataset(
   buffer = int(cfg.get("shuffle_buffer", 0) or 0)
   skip = start_step * batch_size
   first_epoch, skip_in_epoch = skip // n, skip % n
+  prep = _prep_fn(cfg.pp_train)
+  instructions = None if cfg.get("cache", False) else _file_instructions(builder, sub)
 
-  if cfg.get("cache", False):
+  if instructions:
+    ds = _file_stream(
+      cfg, builder, instructions, seed=seed, process_index=process_index,
+      first_epoch=first_epoch, skip=skip_in_epoch,
+    )  # fmt: skip
+  elif cfg.get("cache", False):
     # Records in memory: each epoch is an exact seeded permutation of the indices, and a
     # resume skips indices instead of reading records.
     arrays = _in_memory(_read(builder, sub))
@@ -339,7 +440,9 @@ def train_dataset(
 
     ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
   else:
-    base = _read(builder, sub).enumerate()  # (example number in the stored order, example)
+    # No files to index (a mocked dataset): the shard is one window, shuffled by a buffer that
+    # holds all of it, and a resume reads the records it skips.
+    base = _read(builder, sub).enumerate()
 
     def epoch(e):
       ds = base
@@ -347,12 +450,12 @@ def train_dataset(
         shuffle_seed = tf.random.stateless_uniform(
           [], _key(seed, process_index, e, -1), minval=None, maxval=None, dtype=tf.int64
         )
-        ds = ds.shuffle(min(buffer, n), seed=shuffle_seed, reshuffle_each_iteration=False)
+        ds = ds.shuffle(n, seed=shuffle_seed, reshuffle_each_iteration=False)
       return ds.map(lambda i, ex: (_key(seed, process_index, e, i), ex))
 
     ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch)
-    ds = ds.skip(skip_in_epoch)  # reads (without decoding) the records it skips
-  ds = ds.map(_prep_fn(cfg.pp_train), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.skip(skip_in_epoch)
+  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.prefetch(cfg.get("prefetch", 2) or tf.data.AUTOTUNE)
   return ds.with_options(_options())
@@ -373,6 +476,8 @@ def eval_dataset(
   ds = _read(builder, subs[process_index]).enumerate()
   ds = ds.map(lambda i, ex: (_key(0, process_index, i), ex))
   prep = _prep_fn(cfg.pp_eval, keep_mask=True)
+  if device_ops.is_random(device_ops.split_pp(cfg.pp_eval)[1]):
+    raise ValueError(f"pp_eval {cfg.pp_eval!r} has random device ops; evaluation is fixed")
   # Decoded images have dynamic shapes; the padding needs the static output shape, which we
   # take from the first example of the split (every process sees the same one).
   first = _read(builder, split).take(1).map(lambda ex: prep(_key(0, 0, 0), ex))
@@ -434,7 +539,11 @@ def train_iterator(
 def eval_iterator(
   dataset_cfg, *, split: str, global_batch_size: int, sharding
 ) -> Iterator[dict[str, jax.Array]]:
-  """One pass over `split`: global batches with "image", "label" and "mask" (0 = padding)."""
+  """One pass over `split`: global batches with "image", "label" and "mask" (0 = padding).
+
+  The images cross to the device as uint8 and the device part of ``pp_eval`` (normalize) runs
+  there, on each batch as it arrives; the batches hold its float32 result.
+  """
   local = _check_batch(global_batch_size, jax.process_count(), sharding)
   ds = eval_dataset(
     dataset_cfg,
@@ -443,4 +552,5 @@ def eval_iterator(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  return _global_batches(ds, sharding)
+  on_device = jax.jit(functools.partial(device_ops.apply, dataset_cfg.pp_eval, rng=None))
+  return ({**b, "image": on_device(b["image"])} for b in _global_batches(ds, sharding))

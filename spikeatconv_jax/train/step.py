@@ -9,9 +9,9 @@ inside the step, not `optax.MultiSteps`: every step still consumes one global ba
 one update, so the step count, the learning-rate schedule, the data position and every
 checkpoint stay in optimizer steps (no half-accumulated gradients in a checkpoint). The loss
 and gradient are the means over micro-batches (equal micro-batches, so this is the global-batch
-mean), mixup/cutmix mixes the whole global batch once, and the BatchNorm running statistics are
-updated micro-batch after micro-batch, each normalising with its own micro-batch statistics,
-as accumulation does in PyTorch.
+mean), mixup/cutmix mixes the global batch once (pairs within each device's shard), and the
+BatchNorm running statistics are updated micro-batch after micro-batch, each normalising with
+its own micro-batch statistics, as accumulation does in PyTorch.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from spikeatconv_jax import metrics as metrics_lib
 from spikeatconv_jax import optim
 from spikeatconv_jax import sharding as sharding_lib
+from spikeatconv_jax.data import device_ops
 from spikeatconv_jax.train.state import TrainState
 
 
@@ -64,7 +65,8 @@ def train_step(
 
   Args:
     state: the TrainState (donated by the jitted wrapper).
-    batch: {"image": [B, H, W, C] float32, "label": [B] int32}, B the global batch.
+    batch: {"image": [B, H, W, C] uint8 (the pipeline's; pp_train's device part runs here) or
+      float (taken as preprocessed), "label": [B] int32}, B the global batch.
     lr: float32 scalar, the learning rate of this step (schedule(state.step), from the host).
     model: the linen module.
     tx: the optax transformation without the learning rate (`optim.make_optimizer`).
@@ -81,6 +83,8 @@ def train_step(
   rng = jax.random.fold_in(state.rng, state.step)
   mix_rng, dropout_rng = jax.random.split(rng)
   images, labels = batch["image"], batch["label"]  # [B, H, W, C], [B]
+  pp_train = config.dataset.pp_train if "dataset" in config else ""
+  images = device_ops.apply(pp_train, images, jax.random.fold_in(rng, 2))
   targets = smooth_labels(labels, num_classes, config.label_smoothing)  # [B, N]
   if config.mixup > 0 or config.cutmix > 0:
     from spikeatconv_jax.data.mix import mix_batch
@@ -92,6 +96,8 @@ def train_step(
       mixup_alpha=config.mixup,
       cutmix_alpha=config.cutmix,
       switch_prob=config.mix_switch_prob,
+      # Partners within each device's shard: no image crosses between devices.
+      num_groups=sharding_lib.batch_size_per_step(mesh) if mesh is not None else 1,
     )
 
   grad_fn = jax.value_and_grad(functools.partial(_forward_loss, model=model), has_aux=True)
