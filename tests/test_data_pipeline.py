@@ -8,6 +8,7 @@ import threading
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from spikeatconv_jax.data import pipeline
@@ -252,3 +253,108 @@ def test_batch_size_errors(cfg):
   assert pipeline._check_batch(16, 2, image_sharding) == 8
   with pytest.raises(ValueError, match="unknown dataset config"):
     pipeline.dataset_config("fashion_mnist_local", batch_size=3)
+
+
+# A split spread over 10 files, so that shuffle windows (about `shuffle_buffer` = 20 records,
+# one file here) and parallel file reads are exercised.
+N_SHARDED = 200
+
+
+@pytest.fixture(scope="module")
+def sharded_cfg(tmp_path_factory):
+  root = tmp_path_factory.mktemp("fmnist_sharded")
+  source = make_idx_dir(str(root / "idx"), n_train=N_SHARDED, n_test=10)
+  builder = tfds.builder("fashion_mnist_local", data_dir=str(root / "tfds"))
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=source, num_shards=10)
+  )
+  assert len(builder.info.splits["train"].file_instructions) == 10
+  return pipeline.dataset_config(
+    "fashion_mnist_local",
+    data_dir=str(root / "tfds"),
+    source_dir=source,
+    shuffle_buffer=20,
+    pp_train="decode(1)|pad(2)",
+    pp_eval="decode(1)|pad(2)",
+  )
+
+
+def test_sharded_epochs_are_permutations(sharded_cfg):
+  flat = stream_ids(pipeline.train_dataset(sharded_cfg, batch_size=10, seed=0), 40).reshape(-1)
+  first, second = flat[:N_SHARDED], flat[N_SHARDED:]
+  assert sorted(first) == sorted(second) == list(range(N_SHARDED))
+  assert not np.array_equal(first, second)
+  # Files come in a shuffled order: the first window is not the first file's records.
+  assert not set(first[:10]) <= set(range(30))
+
+
+class _FileReads:
+  """Counts the records each file hands out (the pipeline's only reading of training data)."""
+
+  def __init__(self, monkeypatch):
+    self.records: dict[str, int] = {}
+    read = pipeline._read_file
+
+    def note(filename):
+      name = os.path.basename(filename.numpy().decode())
+      self.records[name] = self.records.get(name, 0) + 1
+      return np.int64(0)
+
+    def counting(filename, skip, take):
+      def tagged(record):
+        with tf.control_dependencies([tf.py_function(note, [filename], tf.int64)]):
+          return tf.identity(record)
+
+      return read(filename, skip, take).map(tagged)
+
+    monkeypatch.setattr(pipeline, "_read_file", counting)
+
+
+@pytest.mark.parametrize("start_step", [1, 7, 18, 29])
+def test_sharded_resume_is_exact(sharded_cfg, start_step):
+  aug = pipeline.dataset_config(**{**sharded_cfg.to_dict(), "pp_train": "decode(1)|flip_lr"})
+  full = list(pipeline.train_dataset(aug, batch_size=10, seed=1).take(34).as_numpy_iterator())
+  resumed = pipeline.train_dataset(aug, batch_size=10, seed=1, start_step=start_step)
+  for want, got in zip(full[start_step:], resumed.as_numpy_iterator(), strict=False):
+    np.testing.assert_array_equal(want["image"], got["image"])
+    np.testing.assert_array_equal(want["label"], got["label"])
+
+
+def test_resume_does_not_read_the_skipped_records(sharded_cfg, monkeypatch):
+  # Step 18 of batch 10 is position 180 of 200: the last of ten one-file windows. Reading the
+  # skipped records would read 180 of them from all ten files.
+  reads = _FileReads(monkeypatch)
+  cfg = pipeline.dataset_config(**{**sharded_cfg.to_dict(), "prefetch": 1})
+  next(iter(pipeline.train_dataset(cfg, batch_size=10, seed=0, start_step=18)))
+  # The start window, and at most the next two loading ahead (the window prefetch and the
+  # element buffers behind it), each about 20 records.
+  assert 0 < sum(reads.records.values()) <= 80, reads.records
+  assert len(reads.records) <= 3, reads.records
+
+
+def test_training_graph_has_no_shuffle_buffer_and_loads_windows_ahead(sharded_cfg):
+  ds = pipeline.train_dataset(sharded_cfg, batch_size=10, seed=0)
+  graph = tf.compat.v1.GraphDef.FromString(ds._as_serialized_graph().numpy())
+  nodes = {n.name: n for n in graph.node}
+  in_functions = {n.op for f in graph.library.function for n in f.node_def}
+  every_op = {n.op for n in graph.node} | in_functions
+  # No buffer that refills at an epoch start: the shuffles are stateless permutations.
+  assert not [op for op in every_op if op.startswith("Shuffle")]
+  # Files are read by a parallel interleave inside the window loader.
+  assert "TFRecordDataset" in in_functions and "ParallelInterleaveDatasetV4" in in_functions
+
+  def upstream(node):
+    return nodes[node.input[0].split(":")[0].lstrip("^")]
+
+  # unbatch <- (unbatch's own structure map) <- prefetch <- map (load a window) <- skip <-
+  # flat_map (the endless epochs): the next window loads while this one is consumed.
+  chain = [n for n in graph.node if n.op == "UnbatchDataset"]
+  assert len(chain) == 1
+  ops = []
+  node = chain[0]
+  for _ in range(5):
+    node = upstream(node)
+    ops.append(node.op)
+  assert ops[1:] == ["PrefetchDataset", "MapDataset", "SkipDataset", "FlatMapDataset"], ops
+  loader = [f for f in graph.library.function if "load_window" in f.signature.name]
+  assert loader and "DatasetToSingleElement" in {n.op for n in loader[0].node_def}
