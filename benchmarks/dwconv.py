@@ -1,6 +1,7 @@
-"""Depthwise conv on this backend: lax's grouped conv vs the shift-sum form and the `auto` choice
-(what the models run: on CPU the native XLA FFI kernels when they build, else the Toeplitz
-matmul for small maps and the shift-sum above), forward and fwd+bwd.
+"""Depthwise conv on this backend: lax's grouped conv, the portable taps form, the XLA:CPU shift-sum
+form and the `auto` choice (what the models run here: the hook table `model.kernels="auto"`
+resolves to; on CPU the native XLA FFI kernels when they build, else the Toeplitz matmul for
+small maps and the shift-sum above), forward and fwd+bwd.
 
 Shapes are the ConvNeXt branches of the models (kernel 7):
   nano: dims 32/64/128/256, 32 px input -> maps 8/4/2/1, batch 64
@@ -32,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from spikeatconv_jax.layers import dwconv  # noqa: E402
+from spikeatconv_jax.layers import dwconv, ops  # noqa: E402
+from spikeatconv_jax.xla_cpu import dwconv as cpu_dwconv  # noqa: E402
 
 MODELS = {
   "nano": dict(dims=(32, 64, 128, 256), maps=(8, 4, 2, 1), batch=64),
@@ -41,11 +43,12 @@ MODELS = {
 }
 IMPLS = {
   "lax": dwconv.depthwise_conv2d_lax,
-  "shift": dwconv.depthwise_conv2d_shift,
-  # What the models run: on CPU the native kernels (the Toeplitz matmul for small maps at large
-  # batches); without a compiler the Toeplitz matmul below SHIFT_MIN_POSITIONS, else the shift.
-  # On GPU lax_taps (lax with a per-offset kernel gradient), on TPU lax itself.
-  "auto": dwconv.depthwise_conv2d,
+  "lax_taps": dwconv.depthwise_conv2d_lax_taps,  # the portable table's form
+  "shift": cpu_dwconv.depthwise_conv2d_shift,
+  # What the models run here: on CPU the native kernels (the Toeplitz matmul for small maps at
+  # large batches); without a compiler the Toeplitz matmul below SHIFT_MIN_POSITIONS, else the
+  # shift. Elsewhere lax_taps.
+  "auto": ops.get(ops.resolve("auto")).depthwise_conv2d,
 }
 
 
@@ -81,28 +84,20 @@ def bench_case(x_shape, k_shape, stride, dtype, repeats, warmup):
   k = (0.02 * jax.random.normal(kk, k_shape)).astype(dtype)
   strides = (stride, stride)
   result = {}
-  impls = dict(IMPLS)
-  if jax.default_backend() != "cpu":  # the GPU form with its kernel gradient as a loop of taps
-    impls["taps_loop"] = dwconv.depthwise_conv2d_lax_taps
-  try:
-    for name, impl in impls.items():
-      # TAPS_FORM is read when the backward is traced, i.e. inside the timed functions' first call.
-      dwconv.TAPS_FORM = "loop" if name == "taps_loop" else "auto"
-      conv = lambda x, k, impl=impl: impl(x, k, strides)
-      fwd = jax.jit(conv)
-      y_shape = jax.eval_shape(conv, x, k).shape
-      g = jax.random.normal(kg, y_shape, dtype)
+  for name, impl in IMPLS.items():
+    conv = lambda x, k, impl=impl: impl(x, k, strides)
+    fwd = jax.jit(conv)
+    y_shape = jax.eval_shape(conv, x, k).shape
+    g = jax.random.normal(kg, y_shape, dtype)
 
-      def fwd_bwd(x, k, g, conv=conv):
-        y, vjp = jax.vjp(conv, x, k)
-        return y, vjp(g)
+    def fwd_bwd(x, k, g, conv=conv):
+      y, vjp = jax.vjp(conv, x, k)
+      return y, vjp(g)
 
-      result[name] = dict(
-        fwd_s=time_fn(fwd, (x, k), repeats, warmup),
-        fwd_bwd_s=time_fn(jax.jit(fwd_bwd), (x, k, g), repeats, warmup),
-      )
-  finally:
-    dwconv.TAPS_FORM = "auto"
+    result[name] = dict(
+      fwd_s=time_fn(fwd, (x, k), repeats, warmup),
+      fwd_bwd_s=time_fn(jax.jit(fwd_bwd), (x, k, g), repeats, warmup),
+    )
   n, ho, wo, cm = y_shape
   flops = 2 * k_shape[0] * k_shape[1] * n * ho * wo * cm
   return flops, result
@@ -133,18 +128,16 @@ def main():
         row[f"{impl}_fwd_bwd_gflops"] = 3 * flops / t["fwd_bwd_s"] / 1e9
       row["speedup_fwd"] = res["lax"]["fwd_s"] / res["shift"]["fwd_s"]
       row["speedup_fwd_bwd"] = res["lax"]["fwd_bwd_s"] / res["shift"]["fwd_bwd_s"]
-      row["auto_impl"] = dwconv.implementation(x_shape[1:3], x_shape[0])
+      row["auto_impl"] = (
+        cpu_dwconv.implementation(x_shape[1:3], x_shape[0])
+        if ops.resolve("auto") == "xla_cpu"
+        else "lax_taps"
+      )
       row["auto_speedup_fwd_bwd"] = res["lax"]["fwd_bwd_s"] / res["auto"]["fwd_bwd_s"]
-      if "taps_loop" in res:
-        row["taps_loop_fwd_bwd_ms"] = 1e3 * res["taps_loop"]["fwd_bwd_s"]
-        row["auto_vs_taps_loop_fwd_bwd"] = res["taps_loop"]["fwd_bwd_s"] / res["auto"]["fwd_bwd_s"]
       rows.append(row)
       print(
         f"# {name}: lax/shift fwd {row['speedup_fwd']:.1f}x, fwd+bwd {row['speedup_fwd_bwd']:.1f}x;"
-        f" lax/auto ({row['auto_impl']}) fwd+bwd {row['auto_speedup_fwd_bwd']:.1f}x"
-        + (
-          f"; taps as a loop {row['taps_loop_fwd_bwd_ms']:.2f} ms f+b" if "taps_loop" in res else ""
-        ),
+        f" lax/auto ({row['auto_impl']}) fwd+bwd {row['auto_speedup_fwd_bwd']:.1f}x",
         flush=True,
       )
 

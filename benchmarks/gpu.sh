@@ -13,8 +13,7 @@
 #      lists its 25 most expensive kernels (model.py --profile-top).
 #   3. benchmarks/dwconv.py on base's stride-1 depthwise shapes (DWCONV_CASES="" for all),
 #      bfloat16: lax's grouped conv, the shift form and what the models run on GPU (`auto` =
-#      lax_taps: no batch-grouped convolution in the backward). SPIKEATCONV_DWCONV=lax makes the
-#      models run plain lax instead.
+#      lax_taps, the portable hook table's form: no batch-grouped convolution in the backward).
 #
 # Needs a JAX with the CUDA backend in $PY (default .venv/bin/python), e.g.
 #   pip install "jax[cuda12]==0.10.2"

@@ -6,8 +6,9 @@
 The site shapes [T, B, H, W, C] come from tracing the model (`configs/common.model_config`,
 MBPL + SISA). Each distinct shape is timed once: a jitted `jax.grad` of sum(SPK(x)²) with respect
 to the parameters and x, median of `--repeats` calls after one warm-up. A site's total weighs the
-shape by how many sites have it. The depthwise conv implementation is this backend's `auto`
-choice (SPIKEATCONV_DWCONV overrides it). Prints a table, then ONE JSON line.
+shape by how many sites have it. The merge runs in the hook table `model.kernels="auto"` picks
+for this backend (on CPU the XLA:CPU wing, where SPIKEATCONV_DWCONV overrides the form). Prints
+a table, then ONE JSON line.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs.common import model_config  # noqa: E402
 from spikeatconv_jax import models  # noqa: E402
-from spikeatconv_jax.layers import dwconv  # noqa: E402
+from spikeatconv_jax.layers import ops  # noqa: E402
 from spikeatconv_jax.snn import spk as spk_lib  # noqa: E402
 
 
 def site_shapes(variant, image_size, partition, batch, timesteps) -> collections.Counter:
   cfg = model_config(variant=variant, spk="mbpl", attention="sisa", timesteps=timesteps)
   cfg.attention.partition = partition
+  cfg.kernels = "xla"  # only shapes are read: the portable forms trace fastest
   models.validate(cfg, image_size)
   shapes = collections.Counter()
 
@@ -45,7 +47,7 @@ def site_shapes(variant, image_size, partition, batch, timesteps) -> collections
     return next_fun(*args, **kwargs)
 
   x = jnp.zeros((batch, image_size, image_size, 3))
-  with dwconv.using("lax"), nn.intercept_methods(icpt):
+  with nn.intercept_methods(icpt):
     jax.eval_shape(lambda: models.build(cfg).init(jax.random.PRNGKey(0), x, train=False))
   return shapes
 
@@ -55,7 +57,8 @@ def time_site(shape, thresholds, merge, repeats) -> float:
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   params = module.init(jax.random.PRNGKey(1), x)
   grad = jax.jit(jax.grad(lambda p, x: jnp.sum(module.apply(p, x) ** 2), argnums=(0, 1)))
-  jax.block_until_ready(grad(params, x))
+  with ops.use("auto"):  # traced (by the first call) with this backend's table
+    jax.block_until_ready(grad(params, x))
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()

@@ -56,7 +56,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spikeatconv_jax import malloc  # noqa: E402
+from spikeatconv_jax.xla_cpu import malloc  # noqa: E402
 
 if __name__ == "__main__":  # not on import (tests import this file)
   malloc.reexec_with_tcmalloc()  # what train.py runs under (SPIKEATCONV_TCMALLOC=0: glibc)
@@ -66,7 +66,8 @@ import optax  # noqa: E402
 
 from configs.common import model_config  # noqa: E402
 from spikeatconv_jax import models  # noqa: E402
-from spikeatconv_jax.layers import dwconv, dwconv_native  # noqa: E402
+from spikeatconv_jax.xla_cpu import dwconv as cpu_dwconv  # noqa: E402
+from spikeatconv_jax.xla_cpu import native  # noqa: E402
 
 DEFAULT_SIZE = {"nano": (32, 4), "tiny": (224, 7), "base": (224, 7), "large": (224, 7)}
 
@@ -94,7 +95,7 @@ def matmul_peak_tflops(dtype: str, n: int | None = None, repeats: int = 15) -> f
   """The backend's measured dense matmul rate (TFLOP/s) in `dtype`: an n x n x n product, the
   fastest of `repeats` runs (a peak: a slower run only shows interference). Measured once per
   invocation and shared by every row, so the rows' MFUs are comparable."""
-  n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+  n = n or (2048 if jax.devices()[0].platform == "cpu" else 8192)
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(dtype)
   mm = jax.jit(lambda a, b: a @ b)
   jax.block_until_ready(mm(a, a))
@@ -260,7 +261,8 @@ def prepare_setting(args, t: int, net: str) -> tuple[dict, dict]:
     dtype=args.dtype,
     remat=args.remat,
     scan_blocks=args.scan_blocks,
-    dwconv=dwconv.implementation() if hasattr(dwconv, "implementation") else "lax",
+    kernels=model.cfg.kernels,
+    dwconv=cpu_dwconv.implementation() if model.cfg.kernels == "xla_cpu" else "lax_taps",
   )
   rng = jax.random.PRNGKey(3)
   if args.compile_only:
@@ -348,8 +350,8 @@ def measure(args, settings: list[tuple[dict, dict]]) -> list[dict]:
         out["peak_source"] = "given" if args.peak_tflops else f"measured {args.dtype} matmul"
         out["mfu"] = out["train_tflops_s"] / out["peak_tflops_s"]
         calls = {t: (ms, n) for t, ms, n in out.get("train_profile", {}).get("custom_calls", [])}
-        native_ms = sum(calls.get(t, (0.0, 0))[0] for t in dwconv_native.KERNEL_TARGETS)
-        forward_calls = calls.get(dwconv_native.KERNEL_TARGETS[0], (0.0, 0))[1]
+        native_ms = sum(calls.get(t, (0.0, 0))[0] for t in native.KERNEL_TARGETS)
+        forward_calls = calls.get(native.KERNEL_TARGETS[0], (0.0, 0))[1]
         dw = out["train_tflops_per_image_by_op"].get("dwconv7x7", 0.0) * b
         # The native kernels' rate on the model's depthwise FLOPs, when every 7x7 depthwise
         # layer ran a native forward call (not, e.g., the Toeplitz matmul of small maps on CPU).

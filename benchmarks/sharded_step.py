@@ -5,7 +5,7 @@
 Runs the default config's model (nano, MBPL + SISA, T=1, 28 px; `--merge` picks MBPL's merge)
 with the batch sharded over a ("data", N) mesh, as `train.py` does on a pod, and times the
 jitted step. `--gather` drops the native kernels' SPMD partitioning rule
-(`dwconv_native._partitioned`): XLA then gathers each custom call's operands and runs the whole
+(`xla_cpu.native._partitioned`): XLA then gathers each custom call's operands and runs the whole
 batch on every device, as it did before the rule existed. On CPU the N devices share the
 machine's cores, so this measures the partitioning, not a speed-up from more devices.
 
@@ -23,7 +23,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from spikeatconv_jax import malloc  # noqa: E402  (no jax import: XLA_FLAGS can still be set)
+# No jax import here: XLA_FLAGS can still be set.
+from spikeatconv_jax.xla_cpu import malloc  # noqa: E402
 
 
 def main() -> None:
@@ -45,19 +46,18 @@ def main() -> None:
 
   from configs import default
   from spikeatconv_jax import models, optim, sharding
-  from spikeatconv_jax.layers import dwconv, dwconv_native
   from spikeatconv_jax.train import state as state_lib
   from spikeatconv_jax.train import step as step_lib
+  from spikeatconv_jax.xla_cpu import dwconv as cpu_dwconv
+  from spikeatconv_jax.xla_cpu import native
 
   if args.gather:
-    dwconv_native._partitioned = lambda kind, arity, static: dwconv_native._plain(
-      kind, arity, static
-    )[0]
+    native._partitioned = lambda kind, arity, static: native._plain(kind, arity, static)[0]
   config = default.get_config()
   config.model.spk.mbpl_merge = args.merge
   config.batch_size = args.batch
   mesh = sharding.make_mesh(config.mesh)
-  model = models.build(config.model)
+  model = models.build(config.model, platform=mesh.devices.flat[0].platform)
   tx, _ = optim.make_optimizer(config, total_steps=10, steps_per_epoch=4)
   size = config.dataset.image_size
   state, shardings = state_lib.create_train_state(model, tx, (size, size, 1), mesh, config.seed)
@@ -87,7 +87,7 @@ def main() -> None:
     batch=args.batch,
     merge=args.merge,
     partition_rule=not args.gather,
-    dwconv=dwconv.implementation(),
+    dwconv=cpu_dwconv.implementation(),
     allocator=malloc.in_use(),
     all_gathers=hlo.count("all-gather-start") + hlo.count("all-gather("),
     first_step_s=round(first, 2),

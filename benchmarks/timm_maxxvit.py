@@ -25,9 +25,9 @@ import timm
 import torch
 from timm.models import maxxvit
 
-# spikeatconv_jax.malloc is stdlib-only, so the PyTorch environment can import it from the repo.
+# xla_cpu.malloc is stdlib-only, so the PyTorch environment can import it from the repo.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spikeatconv_jax.malloc import in_use as allocator_in_use  # noqa: E402
+from spikeatconv_jax.xla_cpu.malloc import in_use as allocator_in_use  # noqa: E402
 
 
 def build(name: str, num_classes: int) -> torch.nn.Module:

@@ -25,7 +25,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from spikeatconv_jax import malloc  # noqa: E402
+from spikeatconv_jax.xla_cpu import malloc  # noqa: E402
 
 # Both sides inherit this process's LD_PRELOAD: ours and PyTorch run under the same allocator
 # (tcmalloc when installed; SPIKEATCONV_TCMALLOC=0 runs both under glibc).

@@ -167,15 +167,15 @@ def _strided_lif_fusions(compiled) -> list[str]:
 
 
 def test_spk_outputs_are_computed_apart_from_the_partition_transposes(monkeypatch):
-  # On XLA:CPU the q/k/v SPK outputs pass `common.value_barrier` before the grid partition and
-  # the output SPK's input after the unpartition: each value, and in the backward each
-  # cotangent, is computed once in its own layout instead of inside the transpose
-  # (docs/RESULTS.md). Same values and gradients either way. T=2, so the LIF backward is the
-  # concatenation of two steps.
-  from spikeatconv_jax.layers import dwconv_native
+  # With the XLA:CPU table the q/k/v SPK outputs pass `common.materialize` before the grid
+  # partition and the output SPK's input after the unpartition: each value, and in the backward
+  # each cotangent, is computed once in its own layout instead of inside the transpose. Same
+  # values and gradients either way. T=2, so the LIF backward is the concatenation of two steps.
+  from spikeatconv_jax.layers import ops
+  from spikeatconv_jax.xla_cpu import native
 
-  if jax.default_backend() != "cpu" or not dwconv_native.available():
-    pytest.skip(f"needs the native CPU library: {dwconv_native.unavailable_reason()}")
+  if not native.available():
+    pytest.skip(f"needs the native CPU library: {native.unavailable_reason()}")
   spk = spk_config("mbpl")
   mod = att.Attention("sisa", "grid", 2, head_dim=4, scale=0.125, spk=spk)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 4, 4, 8)) * 2
@@ -191,10 +191,11 @@ def test_spk_outputs_are_computed_apart_from_the_partition_transposes(monkeypatc
       )
       return jnp.sum(y * x)
 
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(v["params"], x).compile()
+    with ops.use("xla_cpu"):
+      return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(v["params"], x).compile()
 
   with_barrier = compiled()
-  monkeypatch.setattr(common, "value_barrier", lambda z: z)
+  monkeypatch.setattr(common, "materialize", lambda z: z)
   without = compiled()
   n_barriers = lambda c: c.as_text().count('custom_call_target="spikeatconv_dwconv_barrier"')
   assert n_barriers(with_barrier) == n_barriers(without) + 8  # q, k, v, o; value and cotangent

@@ -133,13 +133,13 @@ def test_custom_call_targets_names_the_native_depthwise_kernels():
   spec = importlib.util.spec_from_file_location("bench_model", REPO / "benchmarks" / "model.py")
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
-  from spikeatconv_jax.layers import dwconv_native
+  from spikeatconv_jax.xla_cpu import native
 
   x, k = jnp.ones((2, 8, 8, 16)), jnp.ones((7, 7, 16, 1))
-  loss = lambda x, k: dwconv_native.depthwise_conv2d_native(x, k).sum()
+  loss = lambda x, k: native.depthwise_conv2d_native(x, k).sum()
   hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, k).compile().as_text()
   targets = bench.custom_call_targets(hlo)
-  assert set(dwconv_native.KERNEL_TARGETS) <= set(targets.values())
+  assert set(native.KERNEL_TARGETS) <= set(targets.values())
   for name in targets:  # each maps back to its defining line
     assert re.search(rf"%?{re.escape(name)} = .*custom-call\(", hlo)
 
@@ -169,7 +169,7 @@ def test_model_benchmark_gives_the_native_kernels_rate_only_when_all_depthwise_c
   spec = importlib.util.spec_from_file_location("bench_model", REPO / "benchmarks" / "model.py")
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
-  fwd, bwd_input, bwd_kernel = bench.dwconv_native.KERNEL_TARGETS
+  fwd, bwd_input, bwd_kernel = bench.native.KERNEL_TARGETS
   calls = [[fwd, 10.0, 2], [bwd_input, 20.0, 2], [bwd_kernel, 30.0, 2], ["barrier", 5.0, 9]]
   monkeypatch.setattr(bench, "profile_step", lambda fn, top, targets=None: {"custom_calls": calls})
   args = argparse.Namespace(repeats=1, interleave=False, mfu=True, profile_top=3, peak_tflops=1.0)

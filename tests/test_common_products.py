@@ -1,4 +1,6 @@
-"""layers.common.dense and .conv: their CPU gradient forms give autodiff's values and gradients."""
+"""The XLA:CPU table's products, norms, reductions and barriers (`xla_cpu.products`, `.norms`,
+`.barriers`) give the portable forms' values and gradients; `layers.common` uses the active
+table's."""
 
 import re
 from typing import Any
@@ -9,13 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spikeatconv_jax.layers import common
+from spikeatconv_jax.layers import common, ops
+from spikeatconv_jax.xla_cpu import native, norms, products
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_dense_matches_nn_dense(dtype, tol):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 5, 12))  # [T, B, H, W, C]
-  ours = common.dense(7, use_bias=True, dtype=dtype, name="fc")
+  ours = common.dense(7, use_bias=True, dtype=dtype, name="fc")  # applied under "xla_cpu" below
   ref = nn.Dense(7, dtype=dtype, param_dtype=jnp.float32, name="fc")
   v = ours.init(jax.random.PRNGKey(1), x)
   v = jax.tree_util.tree_map(lambda a: a + 0.1, v)  # a non-zero bias
@@ -25,7 +28,8 @@ def test_dense_matches_nn_dense(dtype, tol):
 
   for f in (jax.jit, lambda f: f):  # compiled and eager
     y0, g0 = f(jax.value_and_grad(loss(ref), argnums=(0, 1)))(v["params"], x)
-    y1, g1 = f(jax.value_and_grad(loss(ours), argnums=(0, 1)))(v["params"], x)
+    with ops.use("xla_cpu"):
+      y1, g1 = f(jax.value_and_grad(loss(ours), argnums=(0, 1)))(v["params"], x)
     np.testing.assert_allclose(float(y1), float(y0), rtol=tol, atol=tol)
     for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1), strict=True):
       assert a.dtype == b.dtype and a.shape == b.shape
@@ -38,7 +42,7 @@ def test_dense_dot_general_falls_back_for_other_products():
   b = jax.random.normal(jax.random.PRNGKey(1), (4, 5, 6))
   dims = (((2,), (1,)), ((0,), (0,)))  # a batched product: plain lax.dot_general
   np.testing.assert_allclose(
-    np.asarray(common.dense_dot_general(a, b, dims)),
+    np.asarray(products.dense_dot_general(a, b, dims)),
     np.asarray(jax.lax.dot_general(a, b, dims)),
     rtol=1e-6,
   )
@@ -55,8 +59,7 @@ def test_dense_dot_general_falls_back_for_other_products():
   ],
 )
 def test_conv_matches_lax(shape, k, stride, padding):
-  """common.conv's convolution (im2col kernel gradient on CPU) against lax's, values and both
-  gradients."""
+  """The XLA:CPU convolution (im2col kernel gradient) against lax's, values and both gradients."""
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   w = jax.random.normal(jax.random.PRNGKey(1), (k, k, shape[-1], 6))
   dims = ("NHWC", "HWIO", "NHWC")
@@ -67,15 +70,25 @@ def test_conv_matches_lax(shape, k, stride, padding):
     )
 
   y0, g0 = jax.value_and_grad(loss(jax.lax.conv_general_dilated), argnums=(0, 1))(x, w)
-  y1, g1 = jax.jit(jax.value_and_grad(loss(common.conv_general_dilated), argnums=(0, 1)))(x, w)
+  y1, g1 = jax.jit(jax.value_and_grad(loss(products.conv_general_dilated), argnums=(0, 1)))(x, w)
   np.testing.assert_allclose(float(y1), float(y0), rtol=1e-5)
   for a, b in zip(g0, g1, strict=True):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
 
 
-def test_conv_module_uses_it():
+def test_conv_and_dense_modules_use_the_active_table():
   m = common.conv(4, 3, strides=2, use_bias=False, dtype=jnp.float32, name="c")
   assert m.conv_general_dilated is common.conv_general_dilated
+  assert common.dense(4, use_bias=False, dtype=jnp.float32, name="d").dot_general is (
+    common.dense_dot_general
+  )
+  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 4))
+  for name in ("xla", "xla_cpu"):
+    with ops.use(name):
+      jaxpr = str(jax.make_jaxpr(lambda x: common.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x))  # fmt: skip
+    # The XLA:CPU form is a custom VJP (its im2col kernel gradient); the portable one is lax's.
+    assert ("custom_vjp_call" in jaxpr) == (name == "xla_cpu"), (name, jaxpr)
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
@@ -101,10 +114,11 @@ def test_gelu_is_the_exact_gelu(dtype, tol):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("barrier", ["cotangent_barrier", "value_barrier"])
-def test_barriers_are_the_identity(dtype, barrier):
+@pytest.mark.parametrize("table", ["xla", "xla_cpu"])
+@pytest.mark.parametrize("barrier", ["materialize_cotangent", "materialize"])
+def test_barriers_are_the_identity(dtype, barrier, table):
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 5)).astype(dtype)
-  barrier = getattr(common, barrier)
+  barrier = getattr(ops.get(table), barrier)
 
   def f(barrier):
     return lambda x: jnp.sum(jnp.sin(barrier(x) * 3).astype(jnp.float32))
@@ -132,11 +146,9 @@ class _MBPLSite(nn.Module):
     return common.dense(x.shape[-1], use_bias=True, dtype=jnp.float32, name="fc2")(y)
 
 
-def test_cotangent_barrier_stores_the_lif_gradient_once(monkeypatch):
-  from spikeatconv_jax.layers import dwconv_native
-
-  if jax.default_backend() != "cpu" or not dwconv_native.available():
-    pytest.skip(f"needs the native CPU library: {dwconv_native.unavailable_reason()}")
+def test_materialize_cotangent_stores_the_lif_gradient_once(monkeypatch):
+  if not native.available():
+    pytest.skip(f"needs the native CPU library: {native.unavailable_reason()}")
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 16, 16, 16))
   m = _MBPLSite()
   v = m.init(jax.random.PRNGKey(1), x)
@@ -146,10 +158,11 @@ def test_cotangent_barrier_stores_the_lif_gradient_once(monkeypatch):
       y, _ = m.apply({**v, "params": p}, x, mutable=["batch_stats", "spikes"])
       return jnp.sum(y**2)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(v["params"], x).compile()
+    with ops.use("xla_cpu"):
+      return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(v["params"], x).compile()
 
   with_barrier = grad_fn()
-  monkeypatch.setattr(common, "cotangent_barrier", lambda x: x)
+  monkeypatch.setattr(common, "materialize_cotangent", lambda x: x)
   without = grad_fn()
   assert "spikeatconv_dwconv_barrier" in with_barrier.as_text()
   assert "spikeatconv_dwconv_barrier" not in without.as_text()
@@ -171,7 +184,7 @@ def test_cpu_layer_norm_matches_nn_layer_norm(dtype, tol):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4, 4, 24)) * 3.0 + 5.0
   x = x.astype(dtype)
   kw = dict(epsilon=common.LN_EPS, dtype=dtype, param_dtype=jnp.float32, name="ln")
-  ours = common.CPULayerNorm(scale_init=nn.initializers.constant(0.5), **kw)
+  ours = norms.CPULayerNorm(scale_init=nn.initializers.constant(0.5), **kw)
   ref = nn.LayerNorm(scale_init=nn.initializers.constant(0.5), **kw)
   v = ours.init(jax.random.PRNGKey(1), x)
   v_ref = ref.init(jax.random.PRNGKey(1), x)
@@ -208,8 +221,8 @@ class _MergeTail(nn.Module):
     shift = self.param("shift", nn.initializers.normal(1.0), (c,), jnp.float32)
     gamma = self.param("gamma", nn.initializers.normal(1.0), (c,), jnp.float32)
     if self.fused:
-      return common.CPUScaledLayerNorm(dtype=self.dtype, name="ln")(z, shift=shift, gamma=gamma)
-    y = common.CPULayerNorm(dtype=self.dtype, name="ln")(z + shift.astype(z.dtype))
+      return norms.CPUScaledLayerNorm(dtype=self.dtype, name="ln")(z, shift=shift, gamma=gamma)
+    y = norms.CPULayerNorm(dtype=self.dtype, name="ln")(z + shift.astype(z.dtype))
     return y * gamma.astype(y.dtype)
 
 
@@ -251,22 +264,45 @@ def test_scaled_layer_norm_matches_shift_layer_norm_and_scale(dtype, tol):
   assert (channel_sums(ours, z), channel_sums(_MergeTail(False, dtype), z)) == (3, 4)
 
 
-def test_layer_norm_is_the_cpu_form_on_cpu():
-  m = common.layer_norm(dtype=jnp.float32, name="ln")
-  assert isinstance(m, common.CPULayerNorm if jax.default_backend() == "cpu" else nn.LayerNorm)
+def test_layer_norms_follow_the_active_table():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 24)) + 3.0
+  z, shift, gamma = x, jnp.linspace(-1.0, 1.0, 24), jnp.linspace(0.5, 2.0, 24)
+  outs = {}
+  for name, cls in (("xla", nn.LayerNorm), ("xla_cpu", norms.CPULayerNorm)):
+    with ops.use(name):
+      assert type(common.layer_norm(dtype=jnp.float32, name="ln")) is cls
+      m = common.layer_norm(dtype=jnp.float32, name="ln", scale_init=0.5)
+      v = m.init(jax.random.PRNGKey(1), x)
+      assert jax.tree_util.tree_map(jnp.shape, v) == {"params": {"scale": (24,), "bias": (24,)}}
+      outs[name] = m.apply(v, x)
+
+      class Scaled(nn.Module):
+        @nn.compact
+        def __call__(self, z):
+          return common.scaled_layer_norm(dtype=jnp.float32, name="merge_ln")(
+            z, shift=shift, gamma=gamma
+          )
+
+      vs = Scaled().init(jax.random.PRNGKey(1), z)
+      assert jax.tree_util.tree_map(jnp.shape, vs) == {
+        "params": {"merge_ln": {"scale": (24,), "bias": (24,)}}
+      }
+      outs[name + "_scaled"] = Scaled().apply(vs, z)
+  np.testing.assert_allclose(outs["xla_cpu"], outs["xla"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(outs["xla_cpu_scaled"], outs["xla_scaled"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("t", [1, 2, 3])
 def test_repeat_time_is_a_broadcast_whose_gradient_sums_the_steps(t):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 4, 3))
   w = jax.random.normal(jax.random.PRNGKey(1), (t, 2, 5, 4, 3))
-  y = common.repeat_time(x, t)
+  y = products.repeat_time(x, t)
   np.testing.assert_array_equal(y, jnp.broadcast_to(x[None], (t,) + x.shape))
   f = lambda rep: jax.grad(lambda x: jnp.sum(jnp.sin(rep(x)) * w))(x)
-  want = f(lambda x: jnp.broadcast_to(x[None], (t,) + x.shape))
-  np.testing.assert_allclose(f(lambda x: common.repeat_time(x, t)), want, rtol=1e-6, atol=1e-6)
+  want = f(lambda x: ops.get("xla").repeat_time(x, t))
+  np.testing.assert_allclose(f(lambda x: products.repeat_time(x, t)), want, rtol=1e-6, atol=1e-6)
   # The backward sums the T slices elementwise: no reduce over the T axis in the graph.
-  hlo = jax.jit(jax.grad(lambda x: jnp.sum(common.repeat_time(x, t) * w))).lower(x).as_text()
+  hlo = jax.jit(jax.grad(lambda x: jnp.sum(products.repeat_time(x, t) * w))).lower(x).as_text()
   assert "stablehlo.reduce" not in hlo
 
 
@@ -274,13 +310,14 @@ def test_repeat_time_is_a_broadcast_whose_gradient_sums_the_steps(t):
 def test_add_broadcast_gradient_sums_the_leading_axes_without_a_reduce(g):
   x = jax.random.normal(jax.random.PRNGKey(0), (g, 3, 4, 7, 7))
   b = jax.random.normal(jax.random.PRNGKey(1), (4, 7, 7))
-  np.testing.assert_allclose(common.sum_leading(x), jnp.sum(x, axis=0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(products.sum_leading(x), jnp.sum(x, axis=0), rtol=1e-5, atol=1e-5)
   loss = lambda add: lambda x, b: jnp.sum(jnp.sin(add(x, b)))
-  want = jax.grad(loss(jnp.add), argnums=(0, 1))(x, b)
-  got = jax.grad(loss(common.add_broadcast), argnums=(0, 1))(x, b)
+  want = jax.grad(loss(ops.get("xla").add_broadcast), argnums=(0, 1))(x, b)
+  got = jax.grad(loss(products.add_broadcast), argnums=(0, 1))(x, b)
   for a, w in zip(got, want, strict=True):
     np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5)
-  hlo = jax.jit(jax.grad(loss(common.add_broadcast), argnums=1)).lower(x, b).as_text()
+  hlo = jax.jit(jax.grad(loss(products.add_broadcast), argnums=1)).lower(x, b).as_text()
   assert "stablehlo.reduce" not in hlo
-  with pytest.raises(ValueError, match="trailing"):
-    common.add_broadcast(x, b[:2])
+  for table in ("xla", "xla_cpu"):
+    with pytest.raises(ValueError, match="trailing"):
+      ops.get(table).add_broadcast(x, b[:2])

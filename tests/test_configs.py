@@ -14,13 +14,12 @@ IMAGENET_STRINGS = sorted(
 
 
 @pytest.fixture(autouse=True)
-def _trace_with_lax_dwconv():
-  # Abstract builds only trace: shapes and parameters do not depend on the depthwise-conv
-  # implementation, and lax's single grouped conv traces ~5x faster than the CPU shift-sum.
-  from spikeatconv_jax.layers import dwconv
+def _trace_with_portable_forms(monkeypatch):
+  # Abstract builds only trace: shapes and parameters do not depend on the hook table, and the
+  # portable forms trace fastest ("auto" resolves to them here).
+  from spikeatconv_jax.layers import ops
 
-  with dwconv.using("lax"):
-    yield
+  monkeypatch.setattr(ops, "platform_kernels", lambda platform: "xla")
 
 
 def _abstract_params(model_config, image_size):

@@ -1,6 +1,7 @@
-"""Depthwise conv: the CPU forms (shift-sum and native kernels, each with a custom VJP) against
-lax's grouped convolution."""
+"""Depthwise conv: the portable taps form and the XLA:CPU wing's forms (shift-sum, Toeplitz
+matmul, native kernels) against lax's grouped convolution; the two hook tables' choices."""
 
+import dataclasses
 import re
 
 import hlo_utils
@@ -14,12 +15,14 @@ from jax.test_util import check_grads
 
 from configs.common import model_config
 from spikeatconv_jax import models
-from spikeatconv_jax.layers import common, dwconv, dwconv_native
+from spikeatconv_jax.layers import dwconv, ops
+from spikeatconv_jax.xla_cpu import barriers, native
+from spikeatconv_jax.xla_cpu import dwconv as cpu_dwconv
 
 IMPLS = {
-  "shift": dwconv.depthwise_conv2d_shift,
-  "native": dwconv_native.depthwise_conv2d_native,
-  "lax_taps": dwconv.depthwise_conv2d_lax_taps,  # the GPU form: lax plus a tap kernel gradient
+  "shift": cpu_dwconv.depthwise_conv2d_shift,
+  "native": native.depthwise_conv2d_native,
+  "lax_taps": dwconv.depthwise_conv2d_lax_taps,  # the portable form: lax plus a tap kernel gradient
 }
 
 
@@ -28,7 +31,7 @@ def _native_needs_a_compiler(request):
   """Tests of the native kernels skip only on a machine without a C++ compiler; with one, the
   kernels must build (a build failure fails the test instead of falling back silently)."""
   uses_native = "native" in request.node.name or "dispatch" in request.node.name
-  if uses_native and dwconv_native._compiler() is None:
+  if uses_native and native._compiler() is None:
     pytest.skip("no C++ compiler: the native depthwise conv kernels cannot be built here")
 
 
@@ -155,46 +158,45 @@ def test_module_params_and_dispatch(monkeypatch):
   params = {"kernel": params["kernel"], "bias": jnp.arange(6.0)}
   want = dwconv.depthwise_conv2d_lax(x, params["kernel"], (2, 2)) + jnp.arange(6.0)
 
-  assert jax.default_backend() == "cpu" and dwconv_native.available()
-  outs = {}
+  # The portable table (also outside any `ops.use` block) runs lax with a taps kernel gradient.
+  assert ops.current().name == "xla"
+  assert ops.get("xla").depthwise_conv2d is dwconv.depthwise_conv2d_lax_taps
+  assert ops.get("xla").spike_merge_conv is dwconv.branch_sum_conv2d_lax_taps
+  assert native.available()
+  outs = {"xla": module.apply({"params": params}, x)}
   try:
     for name in ("lax", "lax_taps", "shift", "native"):
-      dwconv.set_implementation(name)
-      assert dwconv.implementation() == name
-      outs[name] = module.apply({"params": params}, x)
-    dwconv.set_implementation(None)
-    monkeypatch.setenv(dwconv.ENV_VAR, "auto")
+      cpu_dwconv.set_implementation(name)
+      assert cpu_dwconv.implementation() == name
+      with ops.use("xla_cpu"):
+        outs[name] = module.apply({"params": params}, x)
+    cpu_dwconv.set_implementation(None)
+    monkeypatch.setenv(cpu_dwconv.ENV_VAR, "auto")
     # With the native kernels built: native, except small maps at large batches.
-    assert dwconv.implementation() == "native"
-    assert dwconv.implementation((28, 28), 128) == "native"
-    assert dwconv.implementation((7, 7), 8) == "native"
-    assert dwconv.implementation((8, 8), 64) == "matmul"
+    assert cpu_dwconv.implementation() == "native"
+    assert cpu_dwconv.implementation((28, 28), 128) == "native"
+    assert cpu_dwconv.implementation((7, 7), 8) == "native"
+    assert cpu_dwconv.implementation((8, 8), 64) == "matmul"
     # Without them (no compiler): the shift form, and the Toeplitz matmul for small maps.
-    monkeypatch.setattr(dwconv_native, "available", lambda: False)
-    assert dwconv.implementation() == "shift"  # the CPU default for large maps
-    assert dwconv.implementation((28, 28)) == "shift"
-    assert dwconv.implementation((16, 16)) == "matmul"
-    assert dwconv.implementation((8, 8)) == "matmul"  # small maps: Toeplitz matmul
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert cpu_dwconv.implementation() == "shift"  # the CPU default for large maps
+    assert cpu_dwconv.implementation((28, 28)) == "shift"
+    assert cpu_dwconv.implementation((16, 16)) == "matmul"
+    assert cpu_dwconv.implementation((8, 8)) == "matmul"  # small maps: Toeplitz matmul
     # With the batch: building the Toeplitz matrices only pays off over enough images.
-    assert dwconv.implementation((14, 14), 8) == "shift"
-    assert dwconv.implementation((14, 14), 128) == "matmul"
-    assert dwconv.implementation((7, 7), 8) == "matmul"
-    assert dwconv.implementation((28, 28), 128) == "shift"
-    # Accelerators (the choice is made at trace time from the default backend): TPUs take
-    # lax's grouped conv, GPUs the form without a batch-grouped kernel gradient.
-    for backend, want_impl in (("tpu", "lax"), ("gpu", "lax_taps"), ("cuda", "lax_taps")):
-      with monkeypatch.context() as m:
-        m.setattr(jax, "default_backend", lambda b=backend: b)
-        assert dwconv.implementation((56, 56), 32) == want_impl, backend
-    monkeypatch.setenv(dwconv.ENV_VAR, "lax")
-    assert dwconv.implementation() == "lax"
-    monkeypatch.setenv(dwconv.ENV_VAR, "cudnn")
+    assert cpu_dwconv.implementation((14, 14), 8) == "shift"
+    assert cpu_dwconv.implementation((14, 14), 128) == "matmul"
+    assert cpu_dwconv.implementation((7, 7), 8) == "matmul"
+    assert cpu_dwconv.implementation((28, 28), 128) == "shift"
+    monkeypatch.setenv(cpu_dwconv.ENV_VAR, "lax")
+    assert cpu_dwconv.implementation() == "lax"
+    monkeypatch.setenv(cpu_dwconv.ENV_VAR, "cudnn")
     with pytest.raises(ValueError, match="SPIKEATCONV_DWCONV"):
-      dwconv.implementation()
+      cpu_dwconv.implementation()
     with pytest.raises(ValueError, match="unknown depthwise conv implementation"):
-      dwconv.set_implementation("fft")
+      cpu_dwconv.set_implementation("fft")
   finally:
-    dwconv.set_implementation(None)
+    cpu_dwconv.set_implementation(None)
   for out in outs.values():
     assert out.shape == (2, 4, 4, 6)
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
@@ -229,31 +231,31 @@ def test_native_vector_paths_match_lax(c, stride, w):
 
 def test_native_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
   """No working compiler: `load` returns the reason (auto then keeps the XLA forms)."""
-  monkeypatch.setenv(dwconv_native.CACHE_ENV_VAR, str(tmp_path))
+  monkeypatch.setenv(native.CACHE_ENV_VAR, str(tmp_path))
   monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-  reason = dwconv_native.load()
+  reason = native.load()
   assert reason is not None and "no-such-compiler" in reason
   assert not list(tmp_path.iterdir())  # no partial library left behind
-  monkeypatch.setenv(dwconv_native.DISABLE_ENV_VAR, "0")
-  assert "disabled" in dwconv_native.load()
+  monkeypatch.setenv(native.DISABLE_ENV_VAR, "0")
+  assert "disabled" in native.load()
 
 
 def test_native_library_is_cached_per_source_and_cpu(monkeypatch, tmp_path):
-  monkeypatch.setenv(dwconv_native.CACHE_ENV_VAR, str(tmp_path))
-  path = dwconv_native.library_path()
+  monkeypatch.setenv(native.CACHE_ENV_VAR, str(tmp_path))
+  path = native.library_path()
   assert path.startswith(str(tmp_path)) and path.endswith(".so")
-  monkeypatch.setattr(dwconv_native, "_cpu_signature", lambda: "another cpu")
-  assert dwconv_native.library_path() != path
+  monkeypatch.setattr(native, "_cpu_signature", lambda: "another cpu")
+  assert native.library_path() != path
 
 
 def test_bad_inputs_raise():
   x = jnp.zeros((1, 4, 4, 3))
   with pytest.raises(ValueError, match="3 channels"):
-    dwconv.depthwise_conv2d_shift(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 3, 1)))
+    cpu_dwconv.depthwise_conv2d_shift(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 3, 1)))
   with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
     dwconv.depthwise_conv2d(x[0], jnp.zeros((3, 3, 3, 1)))
   with pytest.raises(ValueError, match="strides"):
-    dwconv.depthwise_conv2d_shift(x, jnp.zeros((3, 3, 3, 1)), (0, 1))
+    cpu_dwconv.depthwise_conv2d_shift(x, jnp.zeros((3, 3, 3, 1)), (0, 1))
 
 
 @pytest.mark.parametrize(
@@ -271,12 +273,12 @@ def test_matmul_form_equals_lax(h, w, k, s, m):
   x = jax.random.normal(jax.random.PRNGKey(0), (3, h, w, 4))
   kern = jax.random.normal(jax.random.PRNGKey(1), (k, k, 4, m))
   want = dwconv.depthwise_conv2d_lax(x, kern, (s, s))
-  got = dwconv.depthwise_conv2d_matmul(x, kern, (s, s))
+  got = cpu_dwconv.depthwise_conv2d_matmul(x, kern, (s, s))
   np.testing.assert_allclose(got, want, atol=1e-4)
   g = jax.random.normal(jax.random.PRNGKey(2), want.shape)
   grads = [
     jax.grad(lambda a, b, f=f: jnp.sum(f(a, b, (s, s)) * g), (0, 1))(x, kern)
-    for f in (dwconv.depthwise_conv2d_lax, dwconv.depthwise_conv2d_matmul)
+    for f in (dwconv.depthwise_conv2d_lax, cpu_dwconv.depthwise_conv2d_matmul)
   ]
   for a, b in zip(*grads):
     np.testing.assert_allclose(b, a, atol=1e-4)
@@ -300,7 +302,7 @@ def test_branch_sum_equals_separate_convs(impl, h, w, c, k, s):
   xs = tuple(jax.random.normal(key, (2, h, w, c)) for key in keys)  # K=3 branches
   kern = jax.random.normal(jax.random.PRNGKey(1), (k, k, 3, c))  # [kh, kw, K, C]
   want = _branch_sum_reference(xs, kern, (s, s))
-  f = lambda a, b: dwconv.depthwise_conv2d_sum(a, b, (s, s), impl=impl)
+  f = lambda a, b: cpu_dwconv.depthwise_conv2d_sum(a, b, (s, s), impl=impl)
   got = f(xs, kern)
   assert got.shape == want.shape == (2, -(-h // s), -(-w // s), c)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
@@ -338,7 +340,7 @@ def test_native_branch_sum_of_integer_inputs_reads_them_as_int8(h, w, c, s, valu
   g = jax.random.normal(jax.random.PRNGKey(2), (2, -(-h // s), -(-w // s), c))
 
   def value_and_grads(integer_inputs):
-    f = lambda a, b: dwconv.depthwise_conv2d_sum(
+    f = lambda a, b: cpu_dwconv.depthwise_conv2d_sum(
       a, b, (s, s), impl="native", integer_inputs=integer_inputs
     )
     y, vjp = jax.vjp(f, xs, kern)
@@ -351,7 +353,7 @@ def test_native_branch_sum_of_integer_inputs_reads_them_as_int8(h, w, c, s, valu
   for name, a, b in zip(names, jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
     np.testing.assert_array_equal(b, a, err_msg=name)
   # The branches reach both custom calls (forward, kernel gradient) as int8 operands.
-  f = lambda a, b: dwconv.depthwise_conv2d_sum(a, b, (s, s), impl="native", integer_inputs=True)
+  f = lambda a, b: cpu_dwconv.depthwise_conv2d_sum(a, b, (s, s), impl="native", integer_inputs=True)
   hlo = jax.jit(lambda a, b: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, a, b))).lower(xs, kern)
   calls = [ln for ln in hlo.as_text().splitlines() if "spikeatconv_dwconv_" in ln]
   assert any("_fwd" in ln and "xi8>" in ln for ln in calls), calls
@@ -364,7 +366,7 @@ def test_native_branch_sum_of_integer_inputs_reads_them_as_int8(h, w, c, s, valu
 )
 def test_native_calls_run_on_each_devices_slice_of_a_sharded_batch(spec, s):
   # Without a partitioning rule XLA gathers a custom call's operands onto every device and runs
-  # the whole batch on each. With `dwconv_native._partitioned` each device convolves its slice
+  # the whole batch on each. With `native._partitioned` each device convolves its slice
   # of the batch (and of the channels), and the kernel gradient's partial sums are added up.
   mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
   keys = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -372,8 +374,8 @@ def test_native_calls_run_on_each_devices_slice_of_a_sharded_batch(spec, s):
   kern = 0.1 * jax.random.normal(keys[4], (7, 7, 4, 32))
 
   def loss(xs, kern):
-    y = dwconv.depthwise_conv2d_sum(xs, kern, (s, s), impl="native", integer_inputs=True)
-    return jnp.sum(jnp.sin(common.value_barrier(y)))
+    y = cpu_dwconv.depthwise_conv2d_sum(xs, kern, (s, s), impl="native", integer_inputs=True)
+    return jnp.sum(jnp.sin(barriers.materialize(y)))
 
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   want = step(xs, kern)  # one device
@@ -405,9 +407,9 @@ def test_branch_sum_module_keeps_the_grouped_kernel():
   with pytest.raises(ValueError, match="sequence of 4 branches"):
     dwconv.DepthwiseConv(sum_branches=4).init(jax.random.PRNGKey(0), xs[:3])
   with pytest.raises(ValueError, match=r"kernel \[kh, kw, K, C\]"):
-    dwconv.depthwise_conv2d_sum(xs, jnp.zeros((7, 7, 3, 6)))
+    dwconv.spike_merge_conv(xs, jnp.zeros((7, 7, 3, 6)))
   with pytest.raises(ValueError, match="same-shaped"):
-    dwconv.depthwise_conv2d_sum([xs[0], xs[1][:, :4]], jnp.zeros((7, 7, 2, 6)))
+    dwconv.spike_merge_conv([xs[0], xs[1][:, :4]], jnp.zeros((7, 7, 2, 6)))
 
 
 def _conv_group_counts(jaxpr) -> list[tuple[int, int]]:
@@ -424,19 +426,27 @@ def _conv_group_counts(jaxpr) -> list[tuple[int, int]]:
   return out
 
 
-@pytest.mark.parametrize("form", ["auto", "lax"])
-def test_gpu_train_step_has_no_batch_grouped_convolution(monkeypatch, form):
-  """What a GPU traces (the backend is read at trace time; nothing is compiled here): with `auto`,
-  the depthwise convs and MBPL's merge keep lax's grouped forward and input gradient, and their
-  kernel gradients are per-offset reductions, not the batch-grouped convolutions reported as
-  slow as dense ones on CUDA (jax-ml/jax#13800). Plain lax (form="lax") shows that the check
-  finds them."""
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  cfg = model_config(variant="nano", spk="mbpl", attention="sisa", num_classes=10)
-  cfg.attention.partition = 4
-  m = models.build(cfg)
-  x = jnp.zeros((2, 32, 32, 3))
-  with dwconv.using(form):
+@pytest.mark.parametrize("form", ["xla", "plain_lax"])
+def test_portable_train_step_has_no_batch_grouped_convolution(monkeypatch, form):
+  """What the portable table traces (for any platform; nothing is compiled here): the depthwise
+  convs and MBPL's merge keep lax's grouped forward and input gradient, and their kernel
+  gradients are per-offset reductions, not the batch-grouped convolutions reported as slow as
+  dense ones on CUDA (jax-ml/jax#13800). Plain lax in the table (form="plain_lax") shows that
+  the check finds them."""
+  if form == "plain_lax":
+    plain = dataclasses.replace(
+      ops.get("xla"),
+      depthwise_conv2d=dwconv.depthwise_conv2d_lax,
+      spike_merge_conv=dwconv.branch_sum_conv2d_lax,
+    )
+    monkeypatch.setitem(ops._LOADERS, "xla", lambda: plain)
+  ops.get.cache_clear()
+  try:
+    cfg = model_config(variant="nano", spk="mbpl", attention="sisa", num_classes=10)
+    cfg.attention.partition = 4
+    m = models.build(cfg, platform="tpu")
+    assert m.cfg.kernels == "xla"
+    x = jnp.zeros((2, 32, 32, 3))
     variables = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, train=False))
 
     def loss(params, stats):
@@ -450,77 +460,76 @@ def test_gpu_train_step_has_no_batch_grouped_convolution(monkeypatch, form):
       return out.sum()
 
     jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"])
-    counts = _conv_group_counts(jaxpr.jaxpr)
+  finally:
+    monkeypatch.undo()
+    ops.get.cache_clear()
+  counts = _conv_group_counts(jaxpr.jaxpr)
   grouped = [f for f, b in counts if f > 1]
   batch_grouped = [b for f, b in counts if b > 1]
   assert len(grouped) >= 8, counts  # forwards and input gradients: lax's grouped conv
-  if form == "auto":
+  if form == "xla":
     assert not batch_grouped, counts
   else:
     assert batch_grouped, counts
 
 
 @pytest.mark.parametrize("groups_in,mult,stride", [(1, 2, 2), (1, 1, 1), (3, 1, 1)])
-def test_tap_kernel_gradient_forms_agree(monkeypatch, groups_in, mult, stride):
-  """The loop (CPU) and stacked (GPU) schedules of the per-offset kernel gradient: same sums.
-  groups_in=3: MBPL's merge (K=3 inputs per group); mult=2: a stage entry's multiplier."""
+def test_tap_kernel_gradient_forms_agree(groups_in, mult, stride):
+  """The stacked (portable) and loop (XLA:CPU) schedules of the per-offset kernel gradient: same
+  sums. groups_in=3: MBPL's merge (K=3 inputs per group); mult=2: a stage entry's multiplier."""
   c = 5
   x, _, kg = _inputs((2, 9, 8, c * groups_in), (7, 7, 1, 1), seed=3)
   ho, wo = -(-9 // stride), -(-8 // stride)
   g = jax.random.normal(kg, (2, ho, wo, c * mult))
-  got = {}
-  for form in ("loop", "stacked"):
-    monkeypatch.setattr(dwconv, "TAPS_FORM", form)
-    got[form] = dwconv._kernel_grad_taps(x, g, (7, 7), groups_in, (stride, stride))
-  monkeypatch.setattr(dwconv, "TAPS_FORM", "ring")
-  with pytest.raises(ValueError, match="TAPS_FORM"):
-    dwconv._kernel_grad_taps(x, g, (7, 7), groups_in, (stride, stride))
-  assert got["loop"].shape == (7, 7, groups_in, c * mult)
-  np.testing.assert_allclose(got["stacked"], got["loop"], atol=1e-5, rtol=1e-5)
+  stacked = dwconv.kernel_grad_taps(x, g, (7, 7), groups_in, (stride, stride))
+  loop = cpu_dwconv.kernel_grad_taps_loop(x, g, (7, 7), groups_in, (stride, stride))
+  assert loop.shape == (7, 7, groups_in, c * mult)
+  np.testing.assert_allclose(stacked, loop, atol=1e-5, rtol=1e-5)
   # And both are lax's own kernel gradient of that grouped conv.
   kern = jnp.zeros((7, 7, groups_in, c * mult))
-  conv = lambda k: dwconv._grouped_conv(x, k, (stride, stride), c, False)
+  conv = lambda k: dwconv.grouped_conv(x, k, (stride, stride), c, False)
   (want,) = jax.vjp(conv, kern)[1](g)
-  np.testing.assert_allclose(got["loop"], want, atol=1e-4, rtol=1e-5)
+  np.testing.assert_allclose(loop, want, atol=1e-4, rtol=1e-5)
 
 
-def test_gpu_forms_compute_what_the_cpu_forms_compute(monkeypatch):
-  """The whole nano train-mode forward and its gradients, traced as a GPU would (lax_taps
-  depthwise convs, nn.LayerNorm, autodiff's dense and conv gradients) and run here, equal the
-  CPU forms' (native kernels, CPULayerNorm, patch gradients). Spike-free, so no threshold
-  crossing can flip between the two summation orders."""
-  cfg = model_config(variant="nano", spk="none", attention="softmax", num_classes=10)
+def _nano_value_and_grad(kernels, spk="none", attention="softmax"):
+  """Loss and parameter gradients of a nano train-mode forward built with `kernels`."""
+  cfg = model_config(variant="nano", spk=spk, attention=attention, num_classes=10)
   cfg.attention.partition = 4
+  cfg.kernels = kernels
   m = models.build(cfg)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 32, 32, 3))
   w = jax.random.normal(jax.random.PRNGKey(1), (2, 10))
   variables = m.init(jax.random.PRNGKey(2), x, train=False)
 
-  def value_and_grad():  # traced afresh on each call: the backend is read while tracing
-    def loss(params):
-      out, _ = m.apply(
-        {"params": params, "batch_stats": variables.get("batch_stats", {})},
-        x,
-        train=True,
-        rngs={"dropout": jax.random.PRNGKey(3)},
-        mutable=["batch_stats", "spikes"],
-      )
-      return jnp.sum(out * w)
+  def loss(params):
+    out, _ = m.apply(
+      {"params": params, "batch_stats": variables.get("batch_stats", {})},
+      x,
+      train=True,
+      rngs={"dropout": jax.random.PRNGKey(3)},
+      mutable=["batch_stats", "spikes"],
+    )
+    return jnp.sum(out * w)
 
-    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+  return jax.jit(jax.value_and_grad(loss))(variables["params"])
 
-  cpu_loss, cpu_grads = value_and_grad()
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert dwconv.implementation((16, 16), 2) == "lax_taps"
-  gpu_loss, gpu_grads = value_and_grad()
-  np.testing.assert_allclose(gpu_loss, cpu_loss, rtol=1e-5, atol=1e-5)
+
+def test_portable_forms_compute_what_the_cpu_forms_compute():
+  """The whole nano train-mode forward and its gradients with the portable table (lax_taps
+  depthwise convs, nn.LayerNorm, autodiff's dense and conv gradients) equal the XLA:CPU
+  table's (native kernels, CPULayerNorm, patch gradients), with the same parameter tree.
+  Spike-free, so no threshold crossing can flip between the two summation orders."""
+  cpu_loss, cpu_grads = _nano_value_and_grad("xla_cpu")
+  xla_loss, xla_grads = _nano_value_and_grad("xla")
+  np.testing.assert_allclose(xla_loss, cpu_loss, rtol=1e-5, atol=1e-5)
   flat_cpu = jax.tree_util.tree_flatten_with_path(cpu_grads)[0]
-  flat_gpu = jax.tree_util.tree_leaves(gpu_grads)
-  assert len(flat_cpu) == len(flat_gpu)
+  flat_xla = jax.tree_util.tree_flatten_with_path(xla_grads)[0]
+  assert [p for p, _ in flat_cpu] == [p for p, _ in flat_xla]
   # Absolute slack from the largest gradient: some are zero up to rounding (biases before
   # BatchNorm), where a relative bound means nothing.
   scale = max(float(np.abs(g).max()) for _, g in flat_cpu)
-  for (path, want), got in zip(flat_cpu, flat_gpu, strict=True):
+  for (path, want), (_, got) in zip(flat_cpu, flat_xla, strict=True):
     np.testing.assert_allclose(
       got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path)
     )
@@ -531,7 +540,7 @@ def test_native_multiplier_gradient_sums_the_copies_without_a_reduce():
   # of that repeat is written as a sum of strided slices (autodiff's reduce over the size-m
   # axis ran at ~4 GB/s on XLA:CPU).
   x, k, _ = _inputs((2, 9, 8, 3), (7, 7, 3, 2))
-  loss = lambda x: jnp.sum(jnp.sin(dwconv_native.depthwise_conv2d_native(x, k, (2, 2))))
+  loss = lambda x: jnp.sum(jnp.sin(native.depthwise_conv2d_native(x, k, (2, 2))))
   hlo = jax.jit(jax.grad(loss)).lower(x).as_text()
   assert "stablehlo.reduce" not in hlo
   want = jax.grad(lambda x: jnp.sum(jnp.sin(dwconv.depthwise_conv2d_lax(x, k, (2, 2)))))(x)
@@ -554,11 +563,11 @@ def test_native_multiplier_computes_its_input_once_before_the_repeat(monkeypatch
   # fusion barrier the repeat only copies.
   x, k, _ = _inputs((2, 9, 8, 16), (7, 7, 16, 2))
   spikes_plus = lambda x: (x > 0.5).astype(jnp.float32) + 0.25 * x  # cheap: XLA fuses it
-  f = lambda x: dwconv_native.depthwise_conv2d_native(spikes_plus(x), k)
+  f = lambda x: native.depthwise_conv2d_native(spikes_plus(x), k)
   compile_ = lambda: jax.jit(lambda x: f(x)).lower(x).compile()  # a new function: no cache
   assert _fusions_computing(compile_(), "compare", 32) == []
   np.testing.assert_allclose(
     compile_()(x), dwconv.depthwise_conv2d_lax(spikes_plus(x), k), atol=1e-4, rtol=1e-5
   )
-  monkeypatch.setattr(dwconv_native, "fusion_barrier", lambda x: x)
+  monkeypatch.setattr(native, "fusion_barrier", lambda x: x)
   assert _fusions_computing(compile_(), "compare", 32) != []  # the check can fail

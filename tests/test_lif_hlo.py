@@ -7,13 +7,13 @@ straight-through gradient, no scan). Any transpose or copy that the multi-step L
 around its scan (a [T, ...] <-> [..., T] layout change, a per-step slice copy) would show up as
 extra `transpose`/`copy` instructions, fused or not, in the first optimized HLO.
 
-Attention blocks are compared on transposes only. Their q/k/v and output SPKs meet the grid
-or block partition's transposes; on XLA:CPU `common.value_barrier` keeps every SPK value and
-cotangent out of them, so the LIF and the stand-in leave the same transposes. Before the
-barrier also held the cotangent (thirteenth session), MBPL's LIF backward absorbed the
-un-partition transposes into its fusions and read through them (72 against 76 transposes at the
-shapes below, T=2; SL 24 against 22). Copies are not compared there: the LIF backward's [T, ...]
-concatenation is a same-layout `copy` root that the stand-in does not need.
+Everything is traced with the XLA:CPU table (`ops.use("xla_cpu")`), whose layouts these tests
+guard. Attention blocks are compared on transposes only. Their q/k/v and output SPKs meet the
+grid or block partition's transposes; the table's `materialize` keeps every SPK value and
+cotangent out of them, so the LIF and the stand-in leave the same transposes. Without the
+cotangent held too, MBPL's LIF backward absorbed the un-partition transposes into its fusions
+and read through them. Copies are not compared there: the LIF backward's [T, ...] concatenation
+is a same-layout `copy` root that the stand-in does not need.
 """
 
 import re
@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import pytest
 
 from configs.common import model_config
-from spikeatconv_jax.layers import dwconv
+from spikeatconv_jax.layers import ops
 from spikeatconv_jax.layers.attention import FFN, Attention
 from spikeatconv_jax.layers.convnext import ConvBranch
 from spikeatconv_jax.snn import spk as spk_module
+from spikeatconv_jax.xla_cpu import dwconv as cpu_dwconv
+from spikeatconv_jax.xla_cpu import native
 
 LAYOUT_OPS = re.compile(r"=\s*\S+\s+(transpose|copy)\(")
 
@@ -69,7 +71,7 @@ def _layout_ops(kind: str, t: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("kind", ["sl", "rl", "mbpl"])
 def test_lif_adds_no_transposes_or_copies(kind, monkeypatch):
-  with dwconv.using("lax"):
+  with ops.use("xla_cpu"), cpu_dwconv.using("lax"):  # lax's depthwise conv compiles fastest
     with_lif = _layout_ops(kind, 2)
     monkeypatch.setattr(spk_module, "lif_multithreshold", _elementwise_lifs)
     without = _layout_ops(kind, 2)
@@ -92,10 +94,9 @@ def _attention_transposes(kind: str, partition: str, t: int) -> int:
 
 @pytest.mark.parametrize("kind,partition", [("sl", "grid"), ("mbpl", "grid"), ("mbpl", "block")])
 def test_lif_adds_no_transposes_in_attention(kind, partition, monkeypatch):
-  from spikeatconv_jax.layers import dwconv_native
-
-  if jax.default_backend() != "cpu" or not dwconv_native.available():
-    pytest.skip(f"the barriers need the native CPU library: {dwconv_native.unavailable_reason()}")
-  with_lif = _attention_transposes(kind, partition, 2)
-  monkeypatch.setattr(spk_module, "lif_multithreshold", _elementwise_lifs)
-  assert with_lif == _attention_transposes(kind, partition, 2)
+  if not native.available():
+    pytest.skip(f"the barriers need the native CPU library: {native.unavailable_reason()}")
+  with ops.use("xla_cpu"):
+    with_lif = _attention_transposes(kind, partition, 2)
+    monkeypatch.setattr(spk_module, "lif_multithreshold", _elementwise_lifs)
+    assert with_lif == _attention_transposes(kind, partition, 2)

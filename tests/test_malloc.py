@@ -1,4 +1,4 @@
-"""spikeatconv_jax.malloc: when the entry points re-execute under tcmalloc, and that it loads."""
+"""xla_cpu.malloc: when the entry points re-execute under tcmalloc, and that it loads."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from spikeatconv_jax import malloc
+from spikeatconv_jax.xla_cpu import malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,10 @@ def test_no_reexec(fake, monkeypatch, case):
 def test_reexec_for_real(switch, want):
   env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", malloc._ENV_TRIED)}
   env[malloc.ENV_SWITCH] = switch
-  code = "from spikeatconv_jax import malloc; malloc.reexec_with_tcmalloc(); print(malloc.in_use())"
+  code = (
+    "from spikeatconv_jax.xla_cpu import malloc; malloc.reexec_with_tcmalloc(); "
+    "print(malloc.in_use())"
+  )
   out = subprocess.run(
     [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True
   )

@@ -337,3 +337,25 @@ def test_neuron_time_mode_outputs_the_mean_rate_of_repeated_steps():
   np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6)
   with pytest.raises(ValueError, match="T=1"):
     SPK(kind="sl", neuron_timesteps=3).apply({}, jnp.ones((2, 1, 5)))
+
+
+def test_neuron_time_mode_mbpl_merge_is_the_same_in_every_table():
+  # The merge conv's inputs are integer-valued by contract (the XLA:CPU table reads them as
+  # int8), so under neuron_timesteps n the merge convolves the spike counts and divides by n:
+  # a rate of 1/2 reaches it whole instead of truncated to 0.
+  from spikeatconv_jax.layers import ops
+  from spikeatconv_jax.xla_cpu import native
+
+  if not native.available():
+    pytest.skip(f"native CPU library unavailable: {native.unavailable_reason()}")
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 6, 6, 8)) * 2
+  m = SPK(kind="mbpl", neuron_timesteps=2)
+  v = m.init(jax.random.PRNGKey(1), x)
+  v = {"params": {**v["params"], "merge_gamma": jnp.ones((8,))}}  # the merge shows in the output
+  outs = {}
+  for table in ("xla", "xla_cpu"):
+    with ops.use(table):
+      outs[table], _ = m.apply(v, x, mutable=["spikes"])
+  rates = SPK(kind="mbpl", mbpl_merge="sum", neuron_timesteps=2).apply({}, x)
+  assert np.any(np.asarray(rates) % 1 == 0.5)  # half-integer rates reach the merge
+  np.testing.assert_allclose(outs["xla_cpu"], outs["xla"], rtol=1e-5, atol=1e-5)

@@ -178,7 +178,7 @@ class Attention(nn.Module):
       q, k, v = qkv
 
     def heads_of(z):  # [T, B, H, W, C] -> [G, N, h, d]
-      z = partition(common.fold(common.value_barrier(z)), p, self.partition)
+      z = partition(common.fold(common.materialize(z)), p, self.partition)
       return z.reshape(z.shape[0], z.shape[1], heads, self.head_dim)
 
     bias = RelativePositionBias(heads, p, name="rel_pos")()
@@ -187,7 +187,7 @@ class Attention(nn.Module):
     )
     o = unpartition(o.reshape(o.shape[0], o.shape[1], c), p, h, w, self.partition)
     # The output SPK's LIF (and its backward) reads `o` in image order, not the transpose's.
-    o = common.value_barrier(o.reshape(t, b, h, w, c))
+    o = common.materialize(o.reshape(t, b, h, w, c))
     # The attention-output SPK has its thresholds halved (SDT attn_lif v_threshold=0.5).
     o = make_spk(self.spk, threshold_scale=0.5, name="spk_out", dtype=dt)(o, train=train)
     o = common.dense(c, use_bias=True, dtype=dt, name="proj")(o)

@@ -5,7 +5,7 @@ orders that recomputation after the block's incoming cotangent with an HLO optim
 over (saved inputs, cotangent). XLA:CPU expands optimization barriers early in its pipeline, so
 its scheduler is then free to run every block's recomputation at the start of the backward pass,
 and all recomputed activations are live at once: a checkpointed train step then needs as much
-memory as an unchecked one (measured in tests/test_remat.py and docs/RESULTS.md).
+memory as an unchecked one (tests/test_remat.py measures it).
 
 `remat` wraps `jax.checkpoint` in a `jax.custom_vjp` whose backward adds `0 * ct[0]` (one element
 of the output cotangent, times zero) to every floating-point residual before the recomputation.

@@ -1,7 +1,12 @@
-"""Model factory: `build(model_config)` and `validate(model_config, image_size)`.
+"""Model factory: `build(model_config, platform=)` and `validate(model_config, image_size)`.
 
 `model.name` picks the family: "spikeatconv" (SpikeAtConv nano/tiny/base/large and its
 spike-free version) or "resnet18_cifar" (the CIFAR-100 ablation net, DESIGN.md §8).
+
+`model.kernels` picks the hook table the layers trace with (`layers.ops`): "xla" (portable: what
+TPUs and GPUs run), "xla_cpu" (the XLA:CPU wing), or "auto" (default): "xla_cpu" when the target
+platform is cpu, else "xla". `build` resolves "auto" from its `platform` argument (callers with a
+mesh pass `mesh.devices.flat[0].platform`), so a CPU host can trace what a TPU runs.
 
 Both are called as `module.apply(variables, images [B, H, W, C], train=bool,
 rngs={"dropout": key}, mutable=["batch_stats", "spikes"])` -> logits [B, classes] float32.
@@ -14,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import ml_collections
 
+from spikeatconv_jax.layers import ops
 from spikeatconv_jax.layers.attention import ATTENTION_KINDS
 from spikeatconv_jax.layers.convnext import STEM_ACTS
 from spikeatconv_jax.models.resnet import ResNet18
@@ -52,6 +58,8 @@ def check_config(cfg: Any) -> None:
     raise ValueError(f"model.timesteps must be an integer >= 1, got {t!r}")
   if cfg.get("time_mode", "network") not in TIME_MODES:
     raise ValueError(f"unknown model.time_mode {cfg.time_mode!r}; known: {', '.join(TIME_MODES)}")
+  if cfg.get("kernels", "auto") not in ops.KERNELS:
+    raise ValueError(f"unknown model.kernels {cfg.kernels!r}; known: {', '.join(ops.KERNELS)}")
   if cfg.get("dtype", "float32") not in DTYPES:
     raise ValueError(f"unknown model.dtype {cfg.get('dtype')!r}; known: {', '.join(DTYPES)}")
   spk = cfg.spk
@@ -142,13 +150,30 @@ def _apply_time_mode(cfg: Any) -> Any:
   return out
 
 
-def build(model_config: Any) -> nn.Module:
-  """The Flax module for a `config.model` ConfigDict (DESIGN.md §13 names)."""
+def build(model_config: Any, *, platform: str | None = None) -> nn.Module:
+  """The Flax module for a `config.model` ConfigDict (DESIGN.md §13 names).
+
+  Args:
+    model_config: the `config.model` ConfigDict.
+    platform: the platform of the devices the model will run on ("cpu", "gpu", "tpu"), which
+      resolves `model.kernels="auto"`; None means `jax.devices()[0].platform`. The resolved
+      table is stored in the module's config (`module.cfg.kernels`).
+  """
   check_config(model_config)
-  cfg = _frozen(_apply_time_mode(model_config))
+  cfg = _apply_time_mode(model_config)
+  kernels = ops.resolve(cfg.get("kernels", "auto"), platform)
+  cfg = _frozen(_with_field(cfg, "kernels", kernels))
   if cfg.get("name", "spikeatconv") == "resnet18_cifar":
     return ResNet18(cfg)
   return SpikeAtConv(cfg)
+
+
+def _with_field(cfg: Any, key: str, value: Any) -> ml_collections.ConfigDict:
+  """A copy of `cfg` with `cfg[key] = value` (added if missing)."""
+  out = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+  with out.unlocked():
+    out[key] = value
+  return out
 
 
 __all__ = [

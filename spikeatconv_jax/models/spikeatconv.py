@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spikeatconv_jax.layers import common
+from spikeatconv_jax.layers import common, ops
 from spikeatconv_jax.layers.attention import FFN, Attention
 from spikeatconv_jax.layers.convnext import ConvBranch, Stem
 from spikeatconv_jax.layers.remat import remat
@@ -195,6 +195,7 @@ class SpikeAtConv(nn.Module):
   ENERGY_SOURCES: ClassVar[dict[str, str]] = {"head": common.SRC_REAL}
 
   @nn.compact
+  @ops.uses_config_kernels  # the hook table of `cfg.kernels` (layers.ops)
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     cfg = self.cfg
     v = VARIANTS[cfg.variant]

@@ -46,14 +46,18 @@ NONE_ACTS = ("identity", "gelu")
 N_THRESHOLDS = {"sl": 1, "rl": 2, "mbpl": None, "hsl": 2, "dcl": 2}
 
 
-def check_spk_kind(kind: str) -> None:
-  if kind not in SPK_KINDS:
-    raise ValueError(f"unknown SPK kind {kind!r}; known kinds: {', '.join(SPK_KINDS)}")
-
-
-def spk_output_is_binary(kind: str, mbpl_merge: str = "dwconv") -> bool:
-  """Whether an SPK of this kind emits strictly 0/1 values (for the MAC/AC rule)."""
-  return kind in ("sl", "hsl", "dcl")
+def check_options(
+  kind: str, rl_mode: str = "cascade", mbpl_merge: str = "dwconv", none_act: str = "identity"
+) -> None:
+  """Raises a one-line ValueError for an unknown SPK kind or per-kind option."""
+  for what, value, known in (
+    ("SPK kind", kind, SPK_KINDS),
+    ("rl_mode", rl_mode, RL_MODES),
+    ("mbpl_merge", mbpl_merge, MBPL_MERGES),
+    ("none_act", none_act, NONE_ACTS),
+  ):
+    if value not in known:
+      raise ValueError(f"unknown {what} {value!r}; known: {', '.join(known)}")
 
 
 class SPK(nn.Module):
@@ -87,6 +91,10 @@ class SPK(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  def __post_init__(self):
+    check_options(self.kind, self.rl_mode, self.mbpl_merge, self.none_act)
+    super().__post_init__()
+
   def _thresholds(self) -> tuple[float, ...]:
     th = tuple(self.thresholds) or DEFAULT_THRESHOLDS[self.kind]
     # A wrong count (e.g. MBPL's four thresholds left in a config switched to SL) would
@@ -101,21 +109,23 @@ class SPK(nn.Module):
   def _lif(self, x, v_threshold):
     return self._lifs(x, (v_threshold,))[0]
 
-  def _lifs(self, x, v_thresholds):
-    """One LIF neuron per threshold, all driven by x: a tuple of spike trains."""
+  def _lifs(self, x, v_thresholds, counts: bool = False):
+    """One LIF neuron per threshold, all driven by x: a tuple of spike trains. Under
+    `neuron_timesteps` n > 1: each neuron's mean spike rate over its n steps (with `counts`, its
+    spike count instead: integer-valued)."""
     n = int(self.neuron_timesteps)
     if n > 1:
       if x.shape[0] != 1:
         raise ValueError(f"time_mode='neuron' runs the network at T=1; this SPK got T={x.shape[0]}")
       ss = self._lif_steps(jnp.broadcast_to(x, (n,) + x.shape[1:]), v_thresholds)
-      return tuple(
-        jnp.mean(s.astype(jnp.float32), axis=0, keepdims=True).astype(x.dtype) for s in ss
-      )
+      reduce = jnp.sum if counts else jnp.mean
+      return tuple(reduce(s.astype(jnp.float32), axis=0, keepdims=True).astype(x.dtype) for s in ss)
     return self._lif_steps(x, v_thresholds)
 
   def _lif_steps(self, x, v_thresholds):
     return lif_multithreshold(
-      common.cotangent_barrier(x),  # the LIF's input gradient: computed once (on CPU)
+      # The input gradient sums the K neurons' gradients and feeds the norm backward before it.
+      common.materialize_cotangent(x),
       v_thresholds=v_thresholds,
       tau=self.tau,
       v_reset=self.v_reset,
@@ -134,10 +144,7 @@ class SPK(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-    check_spk_kind(self.kind)
     if self.kind == "none":
-      if self.none_act not in NONE_ACTS:
-        raise ValueError(f"unknown none_act {self.none_act!r}; known: {', '.join(NONE_ACTS)}")
       return common.gelu(x) if self.none_act == "gelu" else x
     th = self._thresholds()
     dtype = x.dtype
@@ -148,8 +155,6 @@ class SPK(nn.Module):
       return s
 
     if self.kind == "rl":
-      if self.rl_mode not in RL_MODES:
-        raise ValueError(f"unknown rl_mode {self.rl_mode!r}; known: {', '.join(RL_MODES)}")
       s1 = self._lif(x, th[0])
       s2 = self._lif(x + s1 if self.rl_mode == "cascade" else s1, th[1])
       self._sow_rates([s1, s2])
@@ -180,13 +185,14 @@ class SPK(nn.Module):
       self._sow_rates(outs)
       return jnp.concatenate(outs, axis=-1)
 
-    # mbpl
-    if self.mbpl_merge not in MBPL_MERGES:
-      raise ValueError(f"unknown mbpl_merge {self.mbpl_merge!r}; known: {', '.join(MBPL_MERGES)}")
-    # K neurons on one input, one custom VJP (lif_multithreshold): the backward sums the K
+    # mbpl. K neurons on one input, one custom VJP (lif_multithreshold): the backward sums the K
     # input gradients in its single elementwise pass. (One LIF over a [..., C, K] broadcast
-    # with per-branch thresholds ran ~50x slower on XLA:CPU at [1, 128, 7, 7, 128].)
-    spikes = list(self._lifs(x, th))
+    # with per-branch thresholds ran ~50x slower on XLA:CPU.)
+    n = int(self.neuron_timesteps)
+    # Spike trains; under neuron_timesteps n > 1, spike counts over the n steps (the merge conv
+    # takes integer-valued inputs) and the rates are counts / n.
+    trains = list(self._lifs(x, th, counts=True))
+    spikes = trains if n == 1 else [c / n for c in trains]
     self._sow_rates(spikes)
     count = sum(spikes[1:], spikes[0])
     if self.mbpl_merge == "sum":
@@ -195,16 +201,17 @@ class SPK(nn.Module):
       raise ValueError(f"MBPL merge {self.mbpl_merge!r} needs [T, B, H, W, C], got {x.shape}")
     t, b, h, w, c = x.shape
     # Z = Σ_k DW7_k(S_k): the grouped conv K*C -> C with groups=C of DESIGN.md §3, fed the K
-    # branches as a sequence (the native CPU kernels take them as separate operands, no stack).
+    # spike trains as a sequence (`layers.ops` spike_merge_conv).
     z = DepthwiseConv(
       7,
       use_bias=False,
-      sum_branches=len(spikes),
-      integer_inputs=True,  # LIF spikes are exactly 0/1
+      sum_branches=len(trains),
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       name="merge_dw",
-    )([s_k.reshape(t * b, h, w, c) for s_k in spikes])
+    )([s_k.reshape(t * b, h, w, c) for s_k in trains])
+    if n > 1:
+      z = z / n  # the merge of the rates: the conv is linear
     shift = self.param("merge_bias", nn.initializers.zeros, (c,), self.param_dtype)
     gamma = self.param("merge_gamma", nn.initializers.constant(1e-6), (c,), self.param_dtype)
     if self.mbpl_merge == "convnext":
@@ -214,7 +221,7 @@ class SPK(nn.Module):
       z = common.dense(c, use_bias=True, dtype=self.dtype, name="merge_fc2")(z)
       z = z * gamma.astype(z.dtype)
     else:
-      # γ ⊙ LN(Z + bias) as one op (on CPU one custom VJP: fewer reductions in the backward).
+      # γ ⊙ LN(Z + bias) as one op (`layers.ops` scaled_layer_norm).
       z = common.scaled_layer_norm(dtype=self.dtype, name="merge_ln")(z, shift=shift, gamma=gamma)
     z = z.reshape(t, b, h, w, c)
     return (count + z).astype(dtype)
@@ -232,7 +239,6 @@ def make_spk(cfg: Any, *, threshold_scale: float = 1.0, none_act: str = "identit
   """
   get = cfg.get if hasattr(cfg, "get") else (lambda k, d=None: getattr(cfg, k, d))
   kind = get("kind", "sl")
-  check_spk_kind(kind)
   thresholds = get("thresholds", ()) or ()
   return SPK(
     kind=kind,

@@ -3,8 +3,8 @@
 XLA:CPU lowers grouped convolutions to a generic loop that runs at under 1 GFLOP/s. The kernels
 in `csrc/dwconv_cpu.cc` (forward, input gradient, kernel gradient; float32, NHWC) vectorise over
 the contiguous channel axis and use XLA's intra-op thread pool. `depthwise_conv2d_native` wraps
-them in a `custom_vjp`; `dwconv.py` dispatches to it on CPU when the library is available.
-The same library holds `fusion_barrier`, a no-op custom call (see `common.cotangent_barrier`).
+them in a `custom_vjp`; `xla_cpu.dwconv` dispatches to it when the library is available.
+The same library holds `fusion_barrier`, a no-op custom call (see `xla_cpu.barriers`).
 Each call carries an SPMD partitioning rule (`_partitioned`): under a jit sharded over several
 CPU devices, each device convolves its own slice of the batch instead of gathering the batch.
 
@@ -12,8 +12,8 @@ The shared library is compiled once per source, jaxlib version and CPU (`g++ -O3
 -march=native`) into `$SPIKEATCONV_CACHE_DIR` (default `~/.cache/spikeatconv_jax`, or a per-user
 directory under the temp dir when the home directory is not writable), written to a
 temporary name and renamed, so concurrent processes are safe. Without a C++ compiler, or if the
-build fails, `available()` is False (with one warning naming the reason) and `dwconv` keeps its
-XLA forms. GPU and TPU never use this module.
+build fails, `available()` is False (with one warning naming the reason) and the "xla_cpu"
+table keeps its XLA forms. `SPIKEATCONV_NATIVE_DWCONV=0` never builds or uses it.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def fusion_barrier(x: jax.Array) -> jax.Array:
   Its result aliases its operand, so it copies nothing: it only makes XLA compute `x` once into
   a buffer. XLA:CPU otherwise recomputes a cheap elementwise value inside every fusion that
   reads it, e.g. a LIF's input gradient, summed over MBPL's four branches, inside each of the
-  three BatchNorm-backward fusions that consume it (see `common.cotangent_barrier`). Under a
+  three BatchNorm-backward fusions that consume it (see `barriers.materialize_cotangent`). Under a
   sharded jit it keeps its operand's sharding (`_partitioned`).
   """
   _require()
@@ -358,12 +358,12 @@ _dwconv.defvjp(_dwconv_fwd, _dwconv_bwd)
 def _repeat_channels(x: jax.Array, m: int) -> jax.Array:
   """jnp.repeat(x, m, axis=-1) (channel c -> c*m .. c*m+m-1), with the gradient written as the
   sum of the m strided slices. Autodiff's gradient, a reduce over a minor axis of size m, ran
-  on XLA:CPU (YNNPACK) at ~4 GB/s: 11.6 ms for a [16, 56, 56, 128] cotangent (tiny, T=2).
+  on XLA:CPU (YNNPACK) at a few GB/s.
 
   `x` is computed into its own buffer first (`fusion_barrier`): fused into the repeat, its
   producer (a stage's first MBPL output: BatchNorm, four LIF neurons, count + γ·LN(merge)) was
-  evaluated once per output channel, in the broadcast's unvectorised index order: 8.4 ms for
-  the [8, 56, 56, 64] -> 128 repeat of the tiny T=1 step, where the repeat alone takes 1.1 ms."""
+  evaluated once per output channel, in the broadcast's unvectorised index order, several times
+  the cost of the repeat itself."""
   return jnp.repeat(fusion_barrier(x), m, axis=-1)
 
 
@@ -390,7 +390,7 @@ def depthwise_conv2d_native(
   """Depthwise conv with a channel multiplier through the native kernels.
 
   x [N, H, W, C], kernel [kh, kw, C, M] -> [N, ceil(H/sh), ceil(W/sw), C*M] (channel c*M + m),
-  SAME padding; equal to `dwconv.depthwise_conv2d_lax` up to float rounding. Computes in
+  SAME padding; equal to `layers.dwconv.depthwise_conv2d_lax` up to float rounding. Computes in
   float32 and returns the promoted input dtype. A multiplier M > 1 repeats each input channel M
   times first (the gradient of that repeat sums the M copies back).
   """

@@ -9,7 +9,7 @@
 // the input gradient writes B outputs from one cotangent, the kernel gradient reads B inputs.
 // The branch weights are one [B, kh, kw, C] operand.
 //
-// Built on first use by spikeatconv_jax/layers/dwconv_native.py (g++ -O3 -march=native against
+// Built on first use by spikeatconv_jax/xla_cpu/native.py (g++ -O3 -march=native against
 // jax.ffi.include_dir()); the channel multiplier is a reshape around these kernels on the
 // Python side.
 
@@ -258,9 +258,9 @@ void FwdRow(const Geometry& g, const XRows<TX> x, const float* w, float* y, int6
 
 // Input pixels a power-of-two multiple of 1 KiB apart (C = 256 floats, 1024 int8 values, and
 // more) map the blocked forward's column loads to a few L1 sets, so each block's ~100 input
-// lines evict one another and the prefetched ones: [8, 14, 14, 1024] x 4 branches ran at 116
-// GFLOP/s (input gradient) against 319 with 1008 channels. Such inputs are read from a packed
-// copy of each band of rows with a padded pixel stride instead (docs/RESULTS.md).
+// lines evict one another and the prefetched ones (at 1024 channels the input gradient ran at a
+// third of its speed at 1008). Such inputs are read from a packed copy of each band of rows with
+// a padded pixel stride instead.
 template <typename TX>
 bool PackRows(const Geometry& g) {
   const int64_t bytes = g.c * int64_t{sizeof(TX)};

@@ -3,9 +3,8 @@
 XLA:CPU allocates each execution's temporaries (gigabytes for a 224 px train step) afresh. glibc
 malloc serves every block of 32 MiB or more with its own mmap and unmaps it on free, so each
 step page-faults and zeroes all of that memory again. tcmalloc keeps freed memory mapped for
-reuse. Measured on the 2-core CPU machine (docs/RESULTS.md): the tiny spike-free train step
-2.99 -> 2.13 s, the spiking one 10.6 -> 7.0 s. Google's TPU VM images preload tcmalloc for the
-same reason.
+reuse, which makes CPU train steps markedly faster. Google's TPU VM images preload tcmalloc for
+the same reason.
 
 `reexec_with_tcmalloc()` is called first thing by train.py, eval.py and the benchmarks: when
 tcmalloc is installed (Debian: libtcmalloc-minimal4, which `make train`/`make test` install) and
