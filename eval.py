@@ -18,9 +18,9 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from spikeatconv_jax import malloc  # noqa: E402
+from spikeatconv_jax.xla_cpu import malloc  # noqa: E402
 
-malloc.reexec_with_tcmalloc()  # before anything allocates: see spikeatconv_jax/malloc.py
+malloc.reexec_with_tcmalloc()  # before anything allocates: see spikeatconv_jax/xla_cpu/malloc.py
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -30,7 +30,9 @@ from spikeatconv_jax.train import cli  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/default.py[:arg].", lock_config=True
 )
-flags.DEFINE_string("workdir", None, "The training workdir (its checkpoints/ are read).")
+flags.DEFINE_string(
+  "workdir", None, "The training workdir, a local path or a URL (its checkpoints/ are read)."
+)
 flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
 flags.DEFINE_string("split", None, "tfds split; default: config.dataset.eval_split.")
 flags.DEFINE_string("output", None, "Also write the JSON result to this file.")
@@ -60,8 +62,7 @@ def main(argv):
     path = evaluate.result_filename(FLAGS.workdir, res["split"], res["step"])
     metrics.write_json(path, res)
     if FLAGS.output:
-      os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-      metrics.write_json(FLAGS.output, res)
+      metrics.write_json(metrics.resolve_dir(FLAGS.output), res)
     print(evaluate.table(res))
     print(f"wrote {path}" + (f" and {FLAGS.output}" if FLAGS.output else ""), flush=True)
 

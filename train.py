@@ -18,9 +18,9 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from spikeatconv_jax import malloc  # noqa: E402
+from spikeatconv_jax.xla_cpu import malloc  # noqa: E402
 
-malloc.reexec_with_tcmalloc()  # before anything allocates: see spikeatconv_jax/malloc.py
+malloc.reexec_with_tcmalloc()  # before anything allocates: see spikeatconv_jax/xla_cpu/malloc.py
 
 from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -30,7 +30,9 @@ from spikeatconv_jax.train import cli  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/default.py[:arg].", lock_config=True
 )
-flags.DEFINE_string("workdir", None, "Output directory (checkpoints, logs); reused to resume.")
+flags.DEFINE_string(
+  "workdir", None, "Output directory, a local path or a URL (gs://...); reused to resume."
+)
 flags.DEFINE_enum(
   "distributed",
   "auto",

@@ -75,11 +75,53 @@ def create_train_state(model, tx, image_shape, mesh, seed: int = 0) -> tuple[Tra
   Returns:
     (state, shardings): the state and its NamedSharding pytree (the jit in/out shardings).
   """
+  state, shardings, _, _ = build_or_restore(model, tx, image_shape, mesh, seed=seed)
+  return state, shardings
+
+
+def build_or_restore(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  image_shape: tuple[int, int, int],
+  mesh,
+  *,
+  seed: int = 0,
+  ckpt: Any = None,
+  step: int | None = None,
+  model_config: Any = None,
+) -> tuple[TrainState, Any, int, dict]:
+  """The TrainState on `mesh`: restored from a checkpoint, or initialised.
+
+  abstract state -> shardings -> restore (onto those shardings) or init (each leaf created
+  where its sharding puts it). Training and evaluation both build their state here.
+
+  Args:
+    model, tx, image_shape, seed: as for `init_fn` / `abstract_state`.
+    mesh: the device mesh (`sharding.make_mesh`).
+    ckpt: a `checkpoint.Checkpointer`, or None to initialise.
+    step: the checkpoint step to restore; None restores the newest readable one (a warning
+      names each newer one that cannot be read) and initialises when there is none.
+    model_config: when given, checked against the checkpoint's model config first.
+
+  Returns:
+    (state, shardings, step, meta): step 0 and meta {} for a fresh state.
+
+  Raises:
+    checkpoint.CheckpointMismatchError / CheckpointUnreadableError (ValueErrors).
+  """
   shapes = abstract_state(model, tx, image_shape, seed)
   shardings = sharding_lib.state_shardings(shapes, mesh)
+  if ckpt is not None:
+    target = abstract_with_shardings(shapes, shardings)
+    if step is not None:
+      state, meta = ckpt.restore(step, target, model_config)
+      return state, shardings, int(step), meta
+    restored = ckpt.restore_latest_readable(target, model_config)
+    if restored is not None:
+      step, state, meta = restored
+      return state, shardings, int(step), meta
   init = jax.jit(init_fn(model, tx, image_shape), out_shardings=shardings)
-  state = init(jax.random.PRNGKey(seed))
-  return state, shardings
+  return init(jax.random.PRNGKey(seed)), shardings, 0, {}
 
 
 def abstract_with_shardings(shapes: TrainState, shardings: Any) -> TrainState:
