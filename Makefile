@@ -38,7 +38,7 @@ data:
 	fi
 
 # On CPU the depthwise convs run as native XLA custom calls built with g++ on first use
-# (spikeatconv_jax/layers/dwconv_native.py); without a compiler they fall back to XLA's forms.
+# (spikeatconv_jax/xla_cpu/native.py); without a compiler they fall back to XLA's forms.
 compiler:
 	@if ! command -v g++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -47,7 +47,7 @@ compiler:
 	    echo "warning: could not install g++; the CPU depthwise convs use the slower XLA forms"; \
 	fi
 
-# XLA:CPU steps run about 1.4x faster under tcmalloc (spikeatconv_jax/malloc.py): train.py,
+# XLA:CPU steps run markedly faster under tcmalloc (spikeatconv_jax/xla_cpu/malloc.py): train.py,
 # eval.py and the benchmarks re-execute themselves with it preloaded when it is installed.
 tcmalloc:
 	@if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 && \
@@ -63,7 +63,7 @@ train: install data compiler tcmalloc
 
 # pytest itself runs under tcmalloc too, when it is installed (an empty LD_PRELOAD is a no-op).
 test: install-dev data compiler tcmalloc
-	LD_PRELOAD="$$($(VPY) -c 'from spikeatconv_jax.malloc import find_tcmalloc; print(find_tcmalloc() or "")')" \
+	LD_PRELOAD="$$($(VPY) -c 'from spikeatconv_jax.xla_cpu.malloc import find_tcmalloc; print(find_tcmalloc() or "")')" \
 	  $(VPY) -m pytest -q tests
 
 lint: install-dev

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spikeatconv_jax.layers import common
+from spikeatconv_jax.layers import common, ops
 from spikeatconv_jax.layers.remat import remat
 from spikeatconv_jax.models.spikeatconv import DTYPES
 from spikeatconv_jax.snn.spk import make_spk
@@ -110,6 +110,7 @@ class ResNet18(nn.Module):
   ENERGY_SOURCES: ClassVar[dict[str, str]] = {"head": common.SRC_REAL}
 
   @nn.compact
+  @ops.uses_config_kernels  # the hook table of `cfg.kernels` (layers.ops)
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     dt = DTYPES[self.cfg.get("dtype", "float32")]
     x = _Stem(self.cfg, dtype=dt, name="stem")(images, train=train)
