@@ -312,9 +312,9 @@ def _windows(takes: np.ndarray, shuffle_buffer: int) -> tuple[np.ndarray, int]:
   behind. ``shuffle_buffer <= 1`` means no shuffling: one file per window.
   """
   num_files = len(takes)
-  per_window = max(1, round(shuffle_buffer / max(float(np.mean(takes)), 1.0)))
-  if shuffle_buffer <= 1:
-    per_window = 1
+  per_window = 1
+  if shuffle_buffer > 1:
+    per_window = max(1, round(shuffle_buffer / max(float(np.mean(takes)), 1.0)))
   num_windows = math.ceil(num_files / min(per_window, num_files))
   bounds = [(j * num_files) // num_windows for j in range(num_windows + 1)]
   width = max(bounds[j + 1] - bounds[j] for j in range(num_windows))
@@ -329,11 +329,13 @@ def _read_file(filename: tf.Tensor, skip: tf.Tensor, take: tf.Tensor) -> tf.data
   return tf.data.TFRecordDataset(filename).skip(skip).take(take)
 
 
-def _file_stream(cfg, builder, instructions, *, seed, process_index, first_epoch, skip):
+def _file_stream(cfg, builder, instructions, *, seed, process_index, first_epoch, skip, n):
   """(key, example) of the shuffled, repeated file-backed stream from element `skip` of epoch
   `first_epoch` on; see the module docstring."""
   shuffle = int(cfg.get("shuffle_buffer", 0) or 0) > 1
   takes = np.array([fi.take for fi in instructions], np.int64)
+  if int(takes.sum()) != n:
+    raise ValueError(f"the file instructions hold {int(takes.sum())} records, the split {n}")
   starts = np.concatenate([[0], np.cumsum(takes)[:-1]]).astype(np.int64)
   table, width = _windows(takes, int(cfg.get("shuffle_buffer", 0) or 0))
   num_files = len(instructions)
@@ -367,12 +369,15 @@ def _file_stream(cfg, builder, instructions, *, seed, process_index, first_epoch
       deterministic=True,
     )
     numbers, serialized = records.batch(np.iinfo(np.int32).max).get_single_element()
+    return e, j, numbers, serialized
+
+  def emit(e, j, numbers, serialized):
+    # The window's records in an exact seeded permutation, indexed one by one rather than
+    # gathered: a gathered copy would double the memory of a window of encoded images.
+    order = tf.range(tf.size(numbers, out_type=tf.int64))
     if shuffle:
-      perm = tf.random.experimental.stateless_shuffle(
-        tf.range(tf.shape(numbers)[0]), _key(seed, process_index, e, -2, j)
-      )
-      numbers, serialized = tf.gather(numbers, perm), tf.gather(serialized, perm)
-    return tf.fill(tf.shape(numbers), e), numbers, serialized
+      order = tf.random.experimental.stateless_shuffle(order, _key(seed, process_index, e, -2, j))
+    return tf.data.Dataset.from_tensor_slices(order).map(lambda k: (e, numbers[k], serialized[k]))
 
   # Where `skip` falls in the first epoch's windows (the same stateless shuffle, run eagerly).
   order = file_order(tf.constant(first_epoch, tf.int64)).numpy()
@@ -384,7 +389,7 @@ def _file_stream(cfg, builder, instructions, *, seed, process_index, first_epoch
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(windows_of)
   ds = ds.skip(first_window)  # window descriptions only: nothing is read for them
   # One window loads ahead of the one being consumed.
-  ds = ds.map(load_window).prefetch(1).unbatch()
+  ds = ds.map(load_window).prefetch(1).flat_map(emit)
   ds = ds.skip(skip_in_window)  # records of the already loaded window, not yet decoded
   decoders = _decoders(builder)
   features = builder.info.features
@@ -421,7 +426,7 @@ def train_dataset(
   if instructions:
     ds = _file_stream(
       cfg, builder, instructions, seed=seed, process_index=process_index,
-      first_epoch=first_epoch, skip=skip_in_epoch,
+      first_epoch=first_epoch, skip=skip_in_epoch, n=n,
     )  # fmt: skip
   elif cfg.get("cache", False):
     # Records in memory: each epoch is an exact seeded permutation of the indices, and a
