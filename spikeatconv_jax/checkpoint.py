@@ -159,8 +159,8 @@ _HANDLER_SET = False
 def _use_single_writer_on_cpu(devices) -> None:
   """When the saved arrays live on CPU devices, save each replicated array from one replica
   instead of Orbax's replica-parallel default: that default slices every array per replica
-  with a small jit program per shape, which costs a minute of compiles at the first save of the
-  nano model on 8 fake CPU devices and buys nothing there. Arrays on accelerators keep Orbax's
+  with a small jit program per array shape, compiled at the first save, and that buys nothing
+  when every replica shares one host's memory. Arrays on accelerators keep Orbax's
   default. Orbax reads the handler when a manager is built, so this runs before that."""
   global _HANDLER_SET
   if _HANDLER_SET or not devices or any(d.platform != "cpu" for d in devices):
