@@ -1,194 +1,163 @@
-"""Input-pipeline throughput (images/s) of each preset pipeline on this machine's CPUs.
+"""The training input pipeline across an epoch boundary, on a ~300k-record local dataset.
 
-  .venv/bin/python benchmarks/input.py [--seconds 20] [--workdir /tmp/spikeatconv_input_bench]
+  .venv/bin/python benchmarks/input.py [--records 300000] [--batch 256] [--workdir DIR]
 
-Pipelines (all run `spikeatconv_jax.data.pipeline` end to end unless noted):
-* imagenet_train: the ImageNet preset pp_train (fused JPEG decode + inception crop 224 bicubic,
-  flip, AutoAugment ImageNet policy, normalise, random erase 0.25) through tfds'
-  `imagenet2012` builder, prepared from synthetic ILSVRC2012 tars of 400x350 JPEGs.
-* imagenet_eval: the ImageNet preset pp_eval (decode, resize shorter side 235 bicubic,
-  centre crop 224, normalise) on the same data.
-* cifar_train: the CIFAR-100 preset pp_train (flip, rotate ±30°, shear ±10°, normalise) on
-  synthetic 32x32 PNGs held in memory (no CIFAR-100 files here), same tf.data structure.
-* fashion_mnist_train: the default run's pipeline on the real Fashion-MNIST (prepared from the
-  IDX files), if /usr/share/datasets/fashion-mnist exists.
+Writes once (about a minute) a tfds dataset `input_benchmark_mock` of small 16x16 PNGs spread
+over 64 TFRecord files, then runs `pipeline.train_dataset` with ImageNet's shuffle buffer
+(250 000 records, no in-memory cache) from step 0 into the second epoch, timing every batch,
+and once more from a step 80 % into the first epoch (a resume). Reports:
 
-Prints one JSON line, then a table. img/s/core divides wall-clock throughput by os.cpu_count();
-img/cpu-s divides by the CPU time this process used (threads included), i.e. what one fully
-available core delivers. When other jobs share the CPU, the first understates the pipeline.
+* first_batch_s: from building the dataset to the first batch (the first shuffle fill);
+* epoch_gap_s: the longest gap between two batches within 10 batches of the epoch boundary;
+* max_gap_s: the longest gap between two batches anywhere after the first, and after which
+  batch (the epoch boundary is at batch records // batch);
+* steady img/s and img/s per core: images over the batches of the first epoch away from both
+  ends, per wall-clock second, then divided by os.cpu_count();
+* resume_first_batch_s: to the first batch when starting at that mid-epoch step.
+
+The pp string is the default run's (`decode(1)|flip_lr|normalize('fashion_mnist')`), so the
+figures are the pipeline's own costs (reading, shuffling, decoding, batching), not a model's.
+Other jobs on the machine slow everything alike; the gaps compare against the steady batch
+time of the same run. Prints one JSON line, then a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import sys
-import tarfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from spikeatconv_jax.data import pipeline  # noqa: E402
-from spikeatconv_jax.data.builders import fashion_mnist  # noqa: E402
 
-SYNSETS = ("n01440764", "n01443537", "n01484850", "n01491361")
-
-
-def _jpeg(rng, width=400, height=350):
-  # Smooth gradients plus noise compress like photos (tens of KB), unlike pure noise.
-  yy, xx = np.mgrid[0:height, 0:width]
-  phase = rng.uniform(0, 6.28, 3)
-  base = 127 + 100 * np.sin(xx[..., None] / rng.uniform(20, 80) + yy[..., None] / 50 + phase)
-  image = np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format="JPEG", quality=90)
-  return buf.getvalue()
+PP_TRAIN = "decode(1)|flip_lr|normalize('fashion_mnist')"
+SHUFFLE_BUFFER = 250_000  # configs/imagenet.py
+NUM_FILES = 64
 
 
-def _add(tar, name, data):
-  info = tarfile.TarInfo(name)
-  info.size = len(data)
-  tar.addfile(info, io.BytesIO(data))
+class InputBenchmarkMock(tfds.core.GeneratorBasedBuilder):
+  """Small grey PNGs with 10 labels; the record count comes from the `RECORDS` class field."""
 
+  VERSION = tfds.core.Version("1.0.0")
+  RECORDS = 300_000
 
-def make_imagenet(workdir: str, per_class: int = 128, num_val: int = 256):
-  """Synthetic ILSVRC2012 tars in workdir/manual, prepared with tfds into workdir/tfds."""
-  cfg = pipeline.dataset_config(
-    "imagenet2012",
-    data_dir=os.path.join(workdir, "tfds"),
-    source_dir=os.path.join(workdir, "manual"),
-    shuffle_buffer=1024,
-  )
-  manual = cfg.source_dir
-  if not os.path.exists(os.path.join(manual, "ILSVRC2012_img_val.tar")):
-    os.makedirs(manual, exist_ok=True)
-    rng = np.random.RandomState(0)
-    with tarfile.open(os.path.join(manual, "ILSVRC2012_img_train.tar"), "w") as train:
-      for synset in SYNSETS:
-        inner = io.BytesIO()
-        with tarfile.open(fileobj=inner, mode="w") as class_tar:
-          for i in range(per_class):
-            _add(class_tar, f"{synset}_{i}.JPEG", _jpeg(rng))
-        _add(train, f"{synset}.tar", inner.getvalue())
-    with tarfile.open(os.path.join(manual, "ILSVRC2012_img_val.tar.tmp"), "w") as val:
-      for i in range(1, num_val + 1):
-        _add(val, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(rng))
-    os.rename(
-      os.path.join(manual, "ILSVRC2012_img_val.tar.tmp"),
-      os.path.join(manual, "ILSVRC2012_img_val.tar"),
+  def _info(self):
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(16, 16, 1)),
+          "label": tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
     )
-  pipeline.prepare(cfg)
-  return cfg
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    rng = np.random.RandomState(0)
+    pngs = []
+    for _ in range(256):  # encoded once; records cycle through them
+      buf = io.BytesIO()
+      Image.fromarray(rng.randint(0, 255, (16, 16)).astype(np.uint8)).save(buf, format="PNG")
+      pngs.append(buf.getvalue())
+    for i in range(self.RECORDS):
+      yield i, {"image": io.BytesIO(pngs[i % 256]), "label": i % 10}
 
 
-def cifar_dataset(batch_size: int) -> tf.data.Dataset:
-  """The CIFAR-100 preset pp_train over synthetic in-memory PNGs, pipeline-shaped."""
-  rng = np.random.RandomState(0)
-  pngs = []
-  for _ in range(512):
-    buf = io.BytesIO()
-    Image.fromarray(rng.randint(0, 255, (32, 32, 3)).astype(np.uint8)).save(buf, format="PNG")
-    pngs.append(buf.getvalue())
-  cfg = pipeline.dataset_config("cifar100")
-  prep = pipeline._prep_fn(cfg.pp_train)
-  ds = tf.data.Dataset.from_tensor_slices({"image": pngs, "label": np.arange(512) % 100})
-  ds = ds.repeat().enumerate().map(lambda i, ex: (pipeline._key(0, 0, i), ex))
-  ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size, drop_remainder=True)
-  return ds.prefetch(2).with_options(pipeline._options())
+def prepare(workdir: str, records: int):
+  data_dir = os.path.join(workdir, f"tfds_{records}")
+  InputBenchmarkMock.RECORDS = records
+  builder = tfds.builder("input_benchmark_mock", data_dir=data_dir)
+  if not builder.is_prepared():
+    t0 = time.perf_counter()
+    tfds.display_progress_bar(False)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON line and the table only
+      config = tfds.download.DownloadConfig(num_shards=NUM_FILES)
+      builder.download_and_prepare(download_config=config)
+    print(f"wrote {records} records in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+  return pipeline.dataset_config(
+    "input_benchmark_mock",
+    data_dir=data_dir,
+    pp_train=PP_TRAIN,
+    pp_eval=PP_TRAIN,
+    shuffle_buffer=SHUFFLE_BUFFER,
+    cache=False,
+  )
 
 
-def measure(ds: tf.data.Dataset, batch_size: int, seconds: float):
-  """Throughput of iterating `ds` for about `seconds` after a warm-up.
-
-  Returns:
-    (images per wall-clock second, images per CPU-second of this process, warm-up seconds).
-    The second is what one fully available core delivers; on a CPU shared with other jobs
-    it is the fairer per-core figure (wall-clock throughput also counts time the scheduler
-    gave to others).
-  """
-  it = iter(ds)
+def batch_times(cfg, batch: int, num_batches: int, start_step: int = 0) -> np.ndarray:
+  """Seconds from building the dataset to each of `num_batches` batches."""
   t0 = time.perf_counter()
-  for _ in range(3):  # trace, fill the shuffle buffer and the autotuner
+  it = iter(pipeline.train_dataset(cfg, batch_size=batch, seed=0, start_step=start_step))
+  times = []
+  for _ in range(num_batches):
     next(it)
-  warmup = time.perf_counter() - t0
-  n, t0, c0 = 0, time.perf_counter(), time.process_time()
-  while time.perf_counter() - t0 < seconds:
-    next(it)
-    n += 1
-  wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-  return n * batch_size / wall, n * batch_size / cpu, warmup
+    times.append(time.perf_counter() - t0)
+  return np.asarray(times)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--seconds", type=float, default=20.0)
+  parser.add_argument("--records", type=int, default=300_000)
+  parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--workdir", default="/tmp/spikeatconv_input_bench")
-  parser.add_argument("--only", default="", help="comma-separated subset of pipelines")
   args = parser.parse_args()
-  only = set(filter(None, args.only.split(",")))
+  cfg = prepare(args.workdir, args.records)
+  steps_per_epoch = args.records // args.batch
+  boundary = args.records // args.batch  # the batch holding the first records of epoch 2
+  times = batch_times(cfg, args.batch, boundary + 20)
+  gaps = np.diff(times)  # gaps[i]: between batch i and i + 1
+  around = gaps[boundary - 10 : boundary + 10]
+  lo, hi = 20, steps_per_epoch - 20
+  steady = (hi - lo) * args.batch / (times[hi] - times[lo])
+  resume_step = int(0.8 * steps_per_epoch)
+  resume = batch_times(cfg, args.batch, 1, start_step=resume_step)[0]
   cores = os.cpu_count()
-  rows = []
-
-  def record(name, ds, batch, pp):
-    if only and name not in only:
-      return
-    rate, per_cpu_s, warmup = measure(ds, batch, args.seconds)
-    rows.append(
-      dict(
-        pipeline=name,
-        batch=batch,
-        images_per_s=round(rate, 1),
-        images_per_s_per_core=round(rate / cores, 1),
-        images_per_cpu_s=round(per_cpu_s, 1),
-        warmup_s=round(warmup, 1),
-        pp=pp,
-      )
-    )
-
-  if not only or only & {"imagenet_train", "imagenet_eval"}:
-    cfg = make_imagenet(args.workdir)
-    record(
-      "imagenet_train",
-      pipeline.train_dataset(cfg, batch_size=64, seed=0),
-      64,
-      cfg.pp_train,
-    )
-    record(
-      "imagenet_eval",
-      pipeline.eval_dataset(cfg, split="validation", batch_size=64).repeat(),
-      64,
-      cfg.pp_eval,
-    )
-  record("cifar_train", cifar_dataset(256), 256, pipeline.dataset_config("cifar100").pp_train)
-  if os.path.isdir(fashion_mnist.DEFAULT_SOURCE_DIR) and (
-    not only or "fashion_mnist_train" in only
-  ):
-    cfg = pipeline.dataset_config(
-      "fashion_mnist_local", data_dir=os.path.join(args.workdir, "tfds")
-    )
-    record("fashion_mnist_train", pipeline.train_dataset(cfg, batch_size=256, seed=0), 256,
-           cfg.pp_train)  # fmt: skip
-
-  print(
-    json.dumps(
-      dict(benchmark="input", cpu_count=cores, load_avg_1m=os.getloadavg()[0], results=rows)
-    )
+  result = dict(
+    benchmark="input",
+    records=args.records,
+    files=NUM_FILES,
+    batch=args.batch,
+    shuffle_buffer=SHUFFLE_BUFFER,
+    cpu_count=cores,
+    load_avg_1m=round(os.getloadavg()[0], 1),
+    first_batch_s=round(float(times[0]), 2),
+    epoch_gap_s=round(float(around.max()), 3),
+    median_gap_s=round(float(np.median(gaps)), 4),
+    max_gap_s=round(float(gaps.max()), 3),
+    max_gap_after_batch=int(np.argmax(gaps)),
+    steady_images_per_s=round(float(steady), 1),
+    steady_images_per_s_per_core=round(float(steady) / cores, 1),
+    resume_step=resume_step,
+    resume_first_batch_s=round(float(resume), 2),
   )
-  load = os.getloadavg()[0]
-  print(f"\n{cores} cores, load average {load:.1f} at the end (other jobs share the CPU)")
-  print(f"{'pipeline':20s} {'batch':>5s} {'img/s':>8s} {'img/s/core':>10s} {'img/cpu-s':>9s} "
-        f"{'warm-up s':>9s}")  # fmt: skip
-  for r in rows:
-    print(
-      f"{r['pipeline']:20s} {r['batch']:5d} {r['images_per_s']:8.1f} "
-      f"{r['images_per_s_per_core']:10.1f} {r['images_per_cpu_s']:9.1f} {r['warmup_s']:9.1f}"
-    )
+  print(json.dumps(result))
+  print(f"\n{args.records} records in {NUM_FILES} files, batch {args.batch}, shuffle buffer "
+        f"{SHUFFLE_BUFFER}, {cores} cores, load {result['load_avg_1m']}")  # fmt: skip
+  rows = [
+    ("first batch (s)", result["first_batch_s"]),
+    ("longest gap at the epoch boundary (s)", result["epoch_gap_s"]),
+    ("median gap between batches (s)", result["median_gap_s"]),
+    ("longest gap after the first batch (s)", result["max_gap_s"]),
+    ("... after batch", result["max_gap_after_batch"]),
+    ("steady img/s", result["steady_images_per_s"]),
+    ("steady img/s per core", result["steady_images_per_s_per_core"]),
+    (f"first batch resuming at step {resume_step} (s)", result["resume_first_batch_s"]),
+  ]
+  for name, value in rows:
+    print(f"{name:45s} {value:>10}")
 
 
 if __name__ == "__main__":

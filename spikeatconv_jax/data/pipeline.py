@@ -371,14 +371,6 @@ def _file_stream(cfg, builder, instructions, *, seed, process_index, first_epoch
     numbers, serialized = records.batch(np.iinfo(np.int32).max).get_single_element()
     return e, j, numbers, serialized
 
-  def emit(e, j, numbers, serialized):
-    # The window's records in an exact seeded permutation, indexed one by one rather than
-    # gathered: a gathered copy would double the memory of a window of encoded images.
-    order = tf.range(tf.size(numbers, out_type=tf.int64))
-    if shuffle:
-      order = tf.random.experimental.stateless_shuffle(order, _key(seed, process_index, e, -2, j))
-    return tf.data.Dataset.from_tensor_slices(order).map(lambda k: (e, numbers[k], serialized[k]))
-
   # Where `skip` falls in the first epoch's windows (the same stateless shuffle, run eagerly).
   order = file_order(tf.constant(first_epoch, tf.int64)).numpy()
   sizes = [int(takes[order[row[row >= 0]]].sum()) for row in table]
@@ -386,11 +378,21 @@ def _file_stream(cfg, builder, instructions, *, seed, process_index, first_epoch
   first_window = int(np.searchsorted(ends, skip, side="right"))
   skip_in_window = skip - (int(ends[first_window - 1]) if first_window else 0)
 
+  def emit(e, j, numbers, serialized):
+    # The window's records in an exact seeded permutation, indexed one by one rather than
+    # gathered: a gathered copy would double the memory of a window of encoded images.
+    order = tf.range(tf.size(numbers, out_type=tf.int64))
+    if shuffle:
+      order = tf.random.experimental.stateless_shuffle(order, _key(seed, process_index, e, -2, j))
+    # A resume starts inside its first window: drop the consumed part of the permutation.
+    start = tf.where((e == first_epoch) & (j == first_window), skip_in_window, 0)
+    order = order[tf.cast(start, tf.int64) :]
+    return tf.data.Dataset.from_tensor_slices(order).map(lambda k: (e, numbers[k], serialized[k]))
+
   ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(windows_of)
   ds = ds.skip(first_window)  # window descriptions only: nothing is read for them
   # One window loads ahead of the one being consumed.
   ds = ds.map(load_window).prefetch(1).flat_map(emit)
-  ds = ds.skip(skip_in_window)  # records of the already loaded window, not yet decoded
   decoders = _decoders(builder)
   features = builder.info.features
 
