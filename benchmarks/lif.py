@@ -43,8 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spikeatconv_jax.snn.lif import lif_multistep  # noqa: E402
 
-# SpikingJelly MultiStepLIFNode (torch backend) on this CPU, same shape, fwd+bwd at T=4
-# (issue 2); benchmarks/lif_vs_spikingjelly.py measures it directly.
+# SpikingJelly's MultiStepLIFNode (torch backend, CPU), same shape, fwd+bwd at T=4: the quoted
+# range our T=4 rows are compared with; benchmarks/lif_vs_spikingjelly.py times both side by side.
 SPIKINGJELLY_FWD_BWD_T4 = (45e6, 67e6)
 
 

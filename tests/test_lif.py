@@ -113,12 +113,56 @@ def test_residuals_are_the_input_or_the_pre_spike_potentials(t, dtype):
   assert sum(r.size for r in jax.tree_util.tree_leaves(vjp_ref)) > x.size
 
 
-@pytest.mark.parametrize("t", [1, 2, 4])
-def test_spikes_stacked_by_select_equal_a_stack(t):
-  parts = [jax.random.normal(jax.random.PRNGKey(i), (3, 5)) for i in range(t)]
+def _scans(fn, *args) -> list[dict]:
+  """The params of every scan in the jaxpr of fn(*args), nested jaxprs included."""
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "scan":
+        yield eqn.params
+      for v in eqn.params.values():
+        for sub in v if isinstance(v, (tuple, list)) else (v,):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            yield from walk(inner)
+
+  return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+@pytest.mark.parametrize("t", [1, 2, 4, 16])
+def test_forward_and_backward_are_scans_over_time(t):
+  # The membrane dynamics are a lax.scan over T, fully unrolled up to MAX_UNROLL steps and
+  # rolled beyond; the backward is a reverse scan. Unrolled, the backward recomputes H with a
+  # second forward scan (the residual is x) and runs the last step, which takes in no dL/dV,
+  # before a reverse scan over the other T - 1 steps (none at T=1).
+  x, g = _inputs(t, n=8)
+  unrolled = t <= lif_mod.MAX_UNROLL
+  fwd = (t, False, t if unrolled else 1)
+  assert [(s["length"], s["reverse"], s["unroll"]) for s in _scans(lif_multistep, x)] == [fwd]
+
+  def fwd_bwd(x, g):
+    s, vjp = jax.vjp(lif_multistep, x)
+    return s, vjp(g)
+
+  scans = sorted((s["length"], s["reverse"], s["unroll"]) for s in _scans(fwd_bwd, x, g))
+  if not unrolled:
+    assert scans == sorted([fwd, (t, True, 1)])
+  elif t == 1:
+    assert scans == [fwd, fwd]
+  else:
+    assert scans == sorted([fwd, fwd, (t - 1, True, t - 1)])
+
+
+@pytest.mark.parametrize("t", [1, 2, 4, 9])
+@pytest.mark.parametrize("v_reset", [0.0, None])
+def test_values_and_grads_match_reference_on_both_sides_of_the_unroll_limit(t, v_reset):
+  x, g = _inputs(t, n=64, seed=4)
+  kw = dict(v_reset=v_reset, detach_reset=False, tau=1.5, v_threshold=0.8)
   np.testing.assert_array_equal(
-    np.asarray(lif_mod._stack_by_select(parts)), np.asarray(jnp.stack(parts))
+    np.asarray(lif_multistep(x, **kw)), np.asarray(lif_multistep_reference(x, **kw)[0])
   )
+  gx, gx_ref = _grads(x, g, **kw)
+  _assert_rel_close(gx, gx_ref)
 
 
 MBPL_THRESHOLDS = (0.25, 1.0, 2.0, 4.0)

@@ -6,11 +6,12 @@
   reset   hard: V_t = S̃_t V_reset + (1 - S̃_t) H_t;  soft (v_reset=None): V_t = H_t - S̃_t V_th
   with S̃ = stop_gradient(S) when detach_reset, and V_0 = V_reset (0 for soft reset).
 
-`lif_multistep` is one `jax.custom_vjp` over the whole scan. Up to MAX_UNROLL steps (every
-paper setting) the scan is traced step by step and the only residual is the input X: the
-backward recomputes the pre-spike potentials H from it and then runs the reverse scan, which
-rebuilds every local derivative from H. Longer inputs take a rolled scan that keeps H (float32,
-[T, ...]) as its residual. Autodiff through a plain scan would also keep V and S for every step.
+`lif_multistep` is one `jax.custom_vjp` whose forward is a `lax.scan` over T and whose backward
+is the reverse `lax.scan` that rebuilds every local derivative from the pre-spike potentials H.
+Up to MAX_UNROLL steps (every paper setting) both scans are fully unrolled and the only residual
+is the input X: the backward recomputes H from it with the forward scan. Longer inputs take
+rolled scans that keep H (float32, [T, ...]) as the residual. Autodiff through a plain scan
+would also keep V and S for every step.
 `lif_multistep_reference` is that plain scan, kept for tests.
 """
 
@@ -25,10 +26,15 @@ from jax import lax
 
 from spikeatconv_jax.snn.surrogate import heaviside, resolve_alpha, spike, surrogate_grad
 
-# Up to this many steps the scan is traced step by step (fully unrolled): on XLA:CPU a rolled
-# scan over a small T runs 2-8x slower than the unrolled one, and T <= 8 covers every paper
-# setting. Longer inputs take a rolled lax.scan.
+# Up to this many steps both scans are fully unrolled (`unroll=True`); T <= 8 covers every paper
+# setting. A rolled scan over a small T runs several times slower on XLA:CPU: each iteration is
+# a separate pass over the whole map, while the unrolled steps fuse into one elementwise pass
+# per output. Longer inputs take a rolled scan (one step's code, whatever T).
 MAX_UNROLL = 8
+
+
+def _unroll(t_steps: int) -> bool:
+  return t_steps <= MAX_UNROLL
 
 
 class LIFParams(typing.NamedTuple):
@@ -73,29 +79,22 @@ def _step(vs, xt, p: LIFParams):
   return vs, (tuple(ss), tuple(hs))
 
 
-def _unrolled(xf, p: LIFParams) -> list[tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]]:
-  """The scan traced step by step on float32 inputs: per step, (S_t, H_t) per neuron."""
-  vs = tuple(_v0(xf, p) for _ in p.v_thresholds)
-  out = []
-  for t in range(xf.shape[0]):
-    vs, st_ht = _step(vs, xf[t], p)
-    out.append(st_ht)
-  return out
+def _scan_forward(xf, p: LIFParams, *, spikes_dtype=None, potentials: bool = False):
+  """The membrane dynamics as a `lax.scan` over the float32 input [T, ...].
 
+  Returns (spikes, potentials): per neuron, the spikes [T, ...] in `spikes_dtype` (none when it
+  is None) and the pre-spike potentials H [T, ...] in float32 (none unless `potentials`). Only
+  what is asked for leaves the scan, so the backward's recomputation stacks no spikes.
+  """
 
-def _stack_by_select(parts: list[jax.Array]) -> jax.Array:
-  """jnp.stack(parts) written as one elementwise expression over [T, ...] (select on the step
-  index), not a concatenation. XLA:CPU materialises a concatenation's result, so stacked float
-  spikes would be written out before their consumers (MBPL's int8 cast, spike count, rates) read
-  them back; an elementwise stack fuses into each consumer, as the T=1 reshape does."""
-  shape = (len(parts),) + parts[0].shape
-  if len(parts) == 1:
-    return parts[0].reshape(shape)
-  step = lax.broadcasted_iota(jnp.int32, shape, 0)
-  out = jnp.broadcast_to(parts[-1], shape)
-  for t in range(len(parts) - 2, -1, -1):
-    out = jnp.where(step == t, jnp.broadcast_to(parts[t], shape), out)
-  return out
+  def step(vs, xt):
+    vs, (ss, hs) = _step(vs, xt, p)
+    ss = () if spikes_dtype is None else tuple(s.astype(spikes_dtype) for s in ss)
+    return vs, (ss, hs if potentials else ())
+
+  v0 = tuple(_v0(xf, p) for _ in p.v_thresholds)
+  _, (ss, hs) = lax.scan(step, v0, xf, unroll=_unroll(xf.shape[0]))
+  return ss, hs
 
 
 def _forward(x, p: LIFParams):
@@ -106,24 +105,11 @@ def _forward(x, p: LIFParams):
   H maps (K per step after the first) and the backward reads T input maps instead. Beyond it the
   residuals are the rolled scan's stacked pre-spike potentials H [T, ...] per neuron.
   """
-  # Upcast the whole input once, before slicing it into steps: with per-step converts of
-  # bf16 slices, XLA:CPU copies every slice x[t] into its own buffer first (an extra pass).
-  xf = x.astype(jnp.float32)
-  if x.shape[0] > MAX_UNROLL:
-
-    def step(vs, xt):
-      vs, (ss, hs) = _step(vs, xt, p)
-      return vs, (tuple(s.astype(x.dtype) for s in ss), hs)
-
-    _, (ss, hs) = lax.scan(step, tuple(_v0(xf, p) for _ in p.v_thresholds), xf)
-    return ss, hs
-  # Small T: the steps traced one by one (a rolled scan runs 2-8x slower on XLA:CPU).
-  steps = _unrolled(xf, p)
-  spikes = tuple(
-    _stack_by_select([s.astype(x.dtype) for s in s_k])
-    for s_k in zip(*(ss for ss, _ in steps), strict=True)
-  )
-  return spikes, x
+  # Upcast the whole input once, before the scan slices it into steps: with per-step converts
+  # of bf16 slices, XLA:CPU copies every slice x[t] into its own buffer first (an extra pass).
+  keep_h = not _unroll(x.shape[0])
+  spikes, hs = _scan_forward(x.astype(jnp.float32), p, spikes_dtype=x.dtype, potentials=keep_h)
+  return spikes, (hs if keep_h else x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -175,20 +161,24 @@ def _lif_bwd(p: LIFParams, res, gs):
   # As in the forward: upcast the cotangents once, not one slice per step.
   gf = tuple(g.astype(jnp.float32) for g in gs)
   t_steps = gf[0].shape[0]
-  if t_steps > MAX_UNROLL:
+  if not _unroll(t_steps):
+    # Long T: the carry starts from a zero dL/dV_T; its needless multiply-add is one step in T.
     hs = lax.optimization_barrier(res)
-    g0 = tuple(jnp.zeros(h.shape[1:], jnp.float32) for h in hs)
+    g0 = tuple(jnp.zeros(g.shape[1:], jnp.float32) for g in gf)
     _, gx = lax.scan(step, g0, (hs, gf), reverse=True)
     return (gx,)
-  # Small T: the residual is the input; recompute H per step (the barrier keeps XLA from
-  # reusing the forward's H instead, which would keep them alive as residuals after all), then
-  # the reverse steps one by one. The last step starts with no dL/dV (nothing flows back).
+  # The residual is the input: recompute H with the forward scan. The barrier keeps XLA from
+  # reusing the forward's H instead, which would keep them alive as residuals after all.
   x = lax.optimization_barrier(res)
-  hs = [ht for _, ht in _unrolled(x.astype(jnp.float32), p)]
-  gvs, gx = (None,) * len(ths), [None] * t_steps
-  for t in reversed(range(t_steps)):
-    gvs, gx[t] = step(gvs, (hs[t], tuple(g[t] for g in gf)))
-  return (jnp.stack(gx),)
+  _, hs = _scan_forward(x.astype(jnp.float32), p, potentials=True)
+  # The last step takes in no dL/dV_T, and XLA keeps a float multiply by zero, so that step runs
+  # on its own (at T=1 it is the whole backward) and the reverse scan starts from its dL/dV.
+  gvs, gx_last = step((None,) * len(ths), jax.tree.map(lambda a: a[-1], (hs, gf)))
+  if t_steps == 1:
+    return (gx_last[None],)
+  rest = jax.tree.map(lambda a: a[:-1], (hs, gf))
+  _, gx = lax.scan(step, gvs, rest, reverse=True, unroll=True)
+  return (jnp.concatenate([gx, gx_last[None]]),)
 
 
 _lif.defvjp(_lif_fwd, _lif_bwd)
