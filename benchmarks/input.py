@@ -17,6 +17,11 @@ and once more from a step 80 % into the first epoch (a resume). Reports:
 
 The pp string is the default run's (`decode(1)|flip_lr|normalize('fashion_mnist')`), so the
 figures are the pipeline's own costs (reading, shuffling, decoding, batching), not a model's.
+
+With ``--imagenet-seconds S`` it also runs the host part of configs/imagenet.py's pp_train
+(fused JPEG decode + inception crop 224 bicubic, flip, AutoAugment; normalize and random
+erasing run on the device) for S seconds on synthetic 400x350 JPEGs, prepared once through
+tfds' `imagenet2012` builder from synthetic ILSVRC2012 tars, and reports its img/s per core.
 Other jobs on the machine slow everything alike; the gaps compare against the steady batch
 time of the same run. Prints one JSON line, then a table.
 """
@@ -29,6 +34,7 @@ import io
 import json
 import os
 import sys
+import tarfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,6 +46,7 @@ from PIL import Image  # noqa: E402
 from spikeatconv_jax.data import pipeline  # noqa: E402
 
 PP_TRAIN = "decode(1)|flip_lr|normalize('fashion_mnist')"
+SYNSETS = ("n01440764", "n01443537", "n01484850", "n01491361")
 SHUFFLE_BUFFER = 250_000  # configs/imagenet.py
 NUM_FILES = 64
 
@@ -97,6 +104,68 @@ def prepare(workdir: str, records: int):
   )
 
 
+def _jpeg(rng, width=400, height=350):
+  # Smooth gradients plus noise compress like photos (tens of KB), unlike pure noise.
+  yy, xx = np.mgrid[0:height, 0:width]
+  phase = rng.uniform(0, 6.28, 3)
+  base = 127 + 100 * np.sin(xx[..., None] / rng.uniform(20, 80) + yy[..., None] / 50 + phase)
+  image = np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="JPEG", quality=90)
+  return buf.getvalue()
+
+
+def _add(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def make_imagenet(workdir: str, per_class: int = 128, num_val: int = 16):
+  """Synthetic ILSVRC2012 tars in workdir/manual, prepared with tfds into workdir/tfds."""
+  from configs import imagenet
+
+  cfg = imagenet.get_config().dataset
+  cfg.update(
+    data_dir=os.path.join(workdir, "tfds"),
+    source_dir=os.path.join(workdir, "manual"),
+    shuffle_buffer=1024,
+  )
+  manual = cfg.source_dir
+  if not os.path.exists(os.path.join(manual, "ILSVRC2012_img_val.tar")):
+    os.makedirs(manual, exist_ok=True)
+    rng = np.random.RandomState(0)
+    with tarfile.open(os.path.join(manual, "ILSVRC2012_img_train.tar"), "w") as train:
+      for synset in SYNSETS:
+        inner = io.BytesIO()
+        with tarfile.open(fileobj=inner, mode="w") as class_tar:
+          for i in range(per_class):
+            _add(class_tar, f"{synset}_{i}.JPEG", _jpeg(rng))
+        _add(train, f"{synset}.tar", inner.getvalue())
+    with tarfile.open(os.path.join(manual, "ILSVRC2012_img_val.tar.tmp"), "w") as val:
+      for i in range(1, num_val + 1):
+        _add(val, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(rng))
+    os.rename(
+      os.path.join(manual, "ILSVRC2012_img_val.tar.tmp"),
+      os.path.join(manual, "ILSVRC2012_img_val.tar"),
+    )
+  with contextlib.redirect_stdout(sys.stderr):
+    pipeline.prepare(cfg)
+  return cfg
+
+
+def imagenet_rate(workdir: str, seconds: float, batch: int = 64) -> float:
+  """Images per second of the ImageNet train pipeline after a 3-batch warm-up."""
+  it = iter(pipeline.train_dataset(make_imagenet(workdir), batch_size=batch, seed=0))
+  for _ in range(3):
+    next(it)
+  n, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < seconds:
+    next(it)
+    n += 1
+  return n * batch / (time.perf_counter() - t0)
+
+
 def batch_times(cfg, batch: int, num_batches: int, start_step: int = 0) -> np.ndarray:
   """Seconds from building the dataset to each of `num_batches` batches."""
   t0 = time.perf_counter()
@@ -113,6 +182,7 @@ def main():
   parser.add_argument("--records", type=int, default=300_000)
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--workdir", default="/tmp/spikeatconv_input_bench")
+  parser.add_argument("--imagenet-seconds", type=float, default=0.0)
   args = parser.parse_args()
   cfg = prepare(args.workdir, args.records)
   steps_per_epoch = args.records // args.batch
@@ -143,6 +213,9 @@ def main():
     resume_step=resume_step,
     resume_first_batch_s=round(float(resume), 2),
   )
+  if args.imagenet_seconds > 0:
+    rate = imagenet_rate(args.workdir, args.imagenet_seconds)
+    result["imagenet_train_images_per_s_per_core"] = round(rate / cores, 1)
   print(json.dumps(result))
   print(f"\n{args.records} records in {NUM_FILES} files, batch {args.batch}, shuffle buffer "
         f"{SHUFFLE_BUFFER}, {cores} cores, load {result['load_avg_1m']}")  # fmt: skip
@@ -156,6 +229,8 @@ def main():
     ("steady img/s per core", result["steady_images_per_s_per_core"]),
     (f"first batch resuming at step {resume_step} (s)", result["resume_first_batch_s"]),
   ]
+  if "imagenet_train_images_per_s_per_core" in result:
+    rows.append(("ImageNet train img/s per core", result["imagenet_train_images_per_s_per_core"]))
   for name, value in rows:
     print(f"{name:45s} {value:>10}")
 
