@@ -30,10 +30,8 @@ reported (XLA's message in "error"), not raised.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -155,31 +153,6 @@ def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
 # Compilation.
 
 
-@contextlib.contextmanager
-def _trace_for(platform: str, build):
-  """Until `models.build` takes `platform`, its layers pick their forms from
-  jax.default_backend() while tracing: report the target platform there."""
-  if "platform" in inspect.signature(build).parameters:
-    yield
-    return
-  import jax
-
-  saved = jax.default_backend
-  jax.default_backend = lambda: platform
-  try:
-    yield
-  finally:
-    jax.default_backend = saved
-
-
-def build_model(model_config, platform: str):
-  from spikeatconv_jax import models
-
-  if "platform" in inspect.signature(models.build).parameters:
-    return models.build(model_config, platform=platform)
-  return models.build(model_config)
-
-
 def memory(compiled, chip) -> dict:
   m = compiled.memory_analysis()
   args, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
@@ -259,7 +232,8 @@ def compile_program(name, config, devices, chip, args) -> dict:
   image_shape = (size, size, CHANNELS[config.dataset.name])
   images_per_chip = global_batch / len(devices)
 
-  model = build_model(config.model, "tpu")
+  # The layers trace the forms a TPU runs (model.kernels "auto" resolves from the platform).
+  model = models.build(config.model, platform="tpu")
   # The step takes the learning rate as an argument: the schedule's lengths do not matter.
   tx, _ = optim.make_optimizer(config, total_steps=10**9, steps_per_epoch=1)
   report = {
@@ -268,52 +242,55 @@ def compile_program(name, config, devices, chip, args) -> dict:
     "global_batch": global_batch,
     "images_per_chip": images_per_chip,
     "image_shape": list(image_shape),
+    "kernels": model.cfg.kernels,
   }
   batch_sh = sharding.batch_sharding(mesh)
-  with _trace_for("tpu", models.build):
-    shapes = state_lib.abstract_state(model, tx, image_shape, config.seed)
-    shardings = sharding.state_shardings(shapes, mesh)
-    state = state_lib.abstract_with_shardings(shapes, shardings)
-    report["params"] = state_lib.param_count(shapes.params)
-    steps = {
-      "train": (
-        step_lib.make_train_step(model, tx, config, mesh, shardings),
-        {"label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=batch_sh)},
-        (jax.ShapeDtypeStruct((), jnp.float32),),
-      )
-    }
-    if args.eval:
-      steps["eval"] = (
-        step_lib.make_eval_step(model, config.model.num_classes, mesh, shardings),
-        {
-          "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=batch_sh),
-          "mask": jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=batch_sh),
-        },
-        (),
-      )
-    for kind, (fn, extra, rest) in steps.items():
-      image = jax.ShapeDtypeStruct((global_batch, *image_shape), jnp.float32, sharding=batch_sh)
-      batch = {"image": image, **extra}
-      dump = None
-      if args.dump_hlo:
-        os.makedirs(args.dump_hlo, exist_ok=True)
-        slug = re.sub(r"[^\w.=-]+", "_", name)[:80]
-        dump = os.path.join(args.dump_hlo, f"{slug}.{kind}.hlo.txt")
-      t0 = time.perf_counter()
-      try:
-        compiled = fn.lower(state, batch, *rest).compile()
-      except Exception as e:  # noqa: BLE001 - XLA's errors (e.g. RESOURCE_EXHAUSTED) are data
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "RESOURCE_EXHAUSTED" not in msg:
-          raise
-        report[kind] = {
-          "compile_s": round(time.perf_counter() - t0, 1),
-          "error": msg[:400],
-          "hbm": {"fits": False, "chip_hbm_bytes": chip.hbm_bytes},
-        }
-        continue
-      seconds = time.perf_counter() - t0
-      report[kind] = analyse(compiled, chip, images_per_chip, seconds, args.top_fusions, dump)
+  shapes = state_lib.abstract_state(model, tx, image_shape, config.seed)
+  shardings = sharding.state_shardings(shapes, mesh)
+  state = state_lib.abstract_with_shardings(shapes, shardings)
+  report["params"] = state_lib.param_count(shapes.params)
+  steps = {
+    "train": (
+      step_lib.make_train_step(model, tx, config, mesh, shardings),
+      {"label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=batch_sh)},
+      (jax.ShapeDtypeStruct((), jnp.float32),),
+    )
+  }
+  if args.eval:
+    steps["eval"] = (
+      step_lib.make_eval_step(model, config.model.num_classes, mesh, shardings),
+      {
+        "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=batch_sh),
+        "mask": jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=batch_sh),
+      },
+      (),
+    )
+  for kind, (fn, extra, rest) in steps.items():
+    # As the input pipeline hands them over: uint8 to the train step (normalize runs inside
+    # it), float32 to the eval step (normalised on the device as each batch arrives).
+    dtype = jnp.uint8 if kind == "train" else jnp.float32
+    image = jax.ShapeDtypeStruct((global_batch, *image_shape), dtype, sharding=batch_sh)
+    batch = {"image": image, **extra}
+    dump = None
+    if args.dump_hlo:
+      os.makedirs(args.dump_hlo, exist_ok=True)
+      slug = re.sub(r"[^\w.=-]+", "_", name)[:80]
+      dump = os.path.join(args.dump_hlo, f"{slug}.{kind}.hlo.txt")
+    t0 = time.perf_counter()
+    try:
+      compiled = fn.lower(state, batch, *rest).compile()
+    except Exception as e:  # noqa: BLE001 - XLA's errors (e.g. RESOURCE_EXHAUSTED) are data
+      msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      if "RESOURCE_EXHAUSTED" not in msg:
+        raise
+      report[kind] = {
+        "compile_s": round(time.perf_counter() - t0, 1),
+        "error": msg[:400],
+        "hbm": {"fits": False, "chip_hbm_bytes": chip.hbm_bytes},
+      }
+      continue
+    seconds = time.perf_counter() - t0
+    report[kind] = analyse(compiled, chip, images_per_chip, seconds, args.top_fusions, dump)
   return report
 
 

@@ -96,6 +96,7 @@ def test_compiles_nano_for_one_v5e_chip(tmp_path):
   assert result["chip"]["generation"] == "v5e" and "TPU v5" in result["device_kind"]
   (program,) = result["programs"]
   assert program["mesh"] == {"data": 1, "fsdp": 1} and program["images_per_chip"] == 2
+  assert program["kernels"] == "xla"  # the portable forms, not the XLA:CPU wing's
   for kind in ("train", "eval"):
     step = program[kind]
     hbm = step["hbm"]
