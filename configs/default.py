@@ -49,18 +49,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.drop_path = 0.0
   if arg.spk == "mbpl":
     # MBPL's merge: 'sum' (Y = Σ_k S_k, integer spike counts; DESIGN.md §3 option) instead of
-    # the spec's 7x7 grouped conv over the K branches ('dwconv'). On 2 CPU cores the 41 merge
-    # convs make the step 3.3x slower and the 15-minute run reached 84.0 % (700 steps) instead
-    # of 88.7 % (1400 steps); docs/RESULTS.md "Default run". Pass
+    # the spec's 7x7 grouped conv over the K branches ('dwconv'): on a CPU the 41 merge convs
+    # cost most of the step, and in a fixed time budget the sum merge trains more steps and
+    # ends more accurate (docs/RESULTS.md, "Default run"). Pass
     # --config.model.spk.mbpl_merge=dwconv for the paper's block.
     config.model.spk.mbpl_merge = "sum"
-  # Stage maps 7/4/2/1 at 28 px. 28 px instead of padding to 32 (maps 8/4/2/1, P=4) makes
-  # the train step 1.3x faster on 2 CPU cores (docs/RESULTS.md, "Default run").
+  # Stage maps 7/4/2/1 at the native 28 px: cheaper than padding to 32 (maps 8/4/2/1, P=4).
   config.model.attention.partition = 7
 
   # Optimisation (AdamW, linear warmup then cosine decay).
   config.batch_size = 128
-  config.num_epochs = 4.0  # 1872 steps; ~12 min on 2 CPU cores (docs/RESULTS.md)
+  config.num_epochs = 4.0  # 1872 steps (wall time in docs/RESULTS.md)
   config.total_steps = config_dict.placeholder(int)  # overrides num_epochs when set
   config.warmup_epochs = 0.3
   config.lr = 2e-3
