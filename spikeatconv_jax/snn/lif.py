@@ -105,8 +105,7 @@ def _forward(x, p: LIFParams):
   H maps (K per step after the first) and the backward reads T input maps instead. Beyond it the
   residuals are the rolled scan's stacked pre-spike potentials H [T, ...] per neuron.
   """
-  # Upcast the whole input once, before the scan slices it into steps: with per-step converts
-  # of bf16 slices, XLA:CPU copies every slice x[t] into its own buffer first (an extra pass).
+  # The membrane is float32 whatever x's dtype (a bf16 membrane would round differently).
   keep_h = not _unroll(x.shape[0])
   spikes, hs = _scan_forward(x.astype(jnp.float32), p, spikes_dtype=x.dtype, potentials=keep_h)
   return spikes, (hs if keep_h else x)
@@ -158,7 +157,7 @@ def _lif_bwd(p: LIFParams, res, gs):
     gx = functools.reduce(jnp.add, ghs) * dh_dx
     return tuple(gh * k for gh in ghs), gx.astype(dtype)
 
-  # As in the forward: upcast the cotangents once, not one slice per step.
+  # The backward, like the membrane, runs in float32.
   gf = tuple(g.astype(jnp.float32) for g in gs)
   t_steps = gf[0].shape[0]
   if not _unroll(t_steps):
