@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging as py_logging
 import signal
 import sys
 import threading
@@ -125,25 +126,30 @@ def _reason(e: BaseException) -> str:
   return type(e).__name__
 
 
-@contextlib.contextmanager
-def _abandoned_reads_quiet():
-  """When one array read of a restore fails, Orbax abandons the other reads' coroutines, and
-  each prints a traceback to stderr when it is collected (hundreds for a real model). They say
-  nothing the raised error does not, so they are collected here, without printing, on failure."""
-  previous = sys.unraisablehook
+def _is_abandoned_read(unraisable) -> bool:
+  """An abandoned read's coroutine being collected, or its I/O callback finding the restore's
+  event loop already closed (RuntimeError "Event loop is closed", from a TensorStore thread)."""
+  exc = unraisable.exc_value
+  return isinstance(unraisable.object, types.CoroutineType) or (
+    isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+  )
 
-  def hook(unraisable):
-    if not isinstance(unraisable.object, types.CoroutineType):
-      previous(unraisable)
 
-  sys.unraisablehook = hook
-  try:
-    yield
-  except BaseException:
-    gc.collect()
-    raise
-  finally:
-    sys.unraisablehook = previous
+def _quiet_abandoned_reads():
+  """When one array read of a restore fails, Orbax abandons the others, and each prints a
+  traceback to stderr when its coroutine is collected or its I/O completes later (hundreds for
+  a real model). They say nothing the raised error does not: from the first failed restore on,
+  they are dropped, and anything else still reaches the hook that was there before."""
+  if not getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if not _is_abandoned_read(unraisable):
+        previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
+  gc.collect()  # the abandoned coroutines, now rather than at some later allocation
 
 
 def _agreed(ok: bool) -> bool:
@@ -151,6 +157,22 @@ def _agreed(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+@contextlib.contextmanager
+def _orbax_warnings_off():
+  """Orbax's warnings about what this module does on purpose (a read-only manager, its own
+  array handler) stay out of the console; its INFO still reaches the log file."""
+
+  def keep(record: py_logging.LogRecord) -> bool:
+    return record.levelno != py_logging.WARNING or "orbax" not in record.pathname
+
+  absl_logger = logging.get_absl_logger()
+  absl_logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    absl_logger.removeFilter(keep)
 
 
 _HANDLER_SET = False
@@ -165,9 +187,10 @@ def _use_single_writer_on_cpu(devices) -> None:
   global _HANDLER_SET
   if _HANDLER_SET or not devices or any(d.platform != "cpu" for d in devices):
     return
-  ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
-  )
+  with _orbax_warnings_off():  # Orbax warns of every override; this one is meant
+    ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+    )
   _HANDLER_SET = True
 
 
@@ -201,22 +224,23 @@ class Checkpointer:
     self.read_only = read_only
     _use_single_writer_on_cpu(list(devices) if devices is not None else None)
     options = ocp.CheckpointManagerOptions(
-      save_interval_steps=max(1, int(every)),
-      max_to_keep=keep,
+      save_interval_steps=0 if read_only else max(1, int(every)),
+      max_to_keep=None if read_only else keep,
       create=not read_only,
       read_only=read_only,
       enable_async_checkpointing=asynchronous,
     )
     # Handlers named up front (not just item names), so that a fresh manager can read the
     # metadata of a checkpoint it has not written (the shape check before a restore).
-    self.manager = ocp.CheckpointManager(
-      self.path,
-      item_handlers={
-        "state": ocp.StandardCheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler(),
-      },
-      options=options,
-    )
+    with _orbax_warnings_off() if read_only else contextlib.nullcontext():  # "read only=..."
+      self.manager = ocp.CheckpointManager(
+        self.path,
+        item_handlers={
+          "state": ocp.StandardCheckpointHandler(),
+          "meta": ocp.JsonCheckpointHandler(),
+        },
+        options=options,
+      )
 
   def step_path(self, step: int) -> epath.Path:
     return self.path / str(int(step))
@@ -316,14 +340,14 @@ class Checkpointer:
     self.check_shapes(step, target)
     error = None
     try:
-      with _abandoned_reads_quiet():
-        out = self.manager.restore(
-          int(step),
-          args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-          ),
-        )
+      out = self.manager.restore(
+        int(step),
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+      )
     except Exception as e:
+      _quiet_abandoned_reads()
       error = self._unreadable(step, e)
       error.__cause__ = e
     if not _agreed(error is None):
