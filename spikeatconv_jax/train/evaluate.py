@@ -150,7 +150,7 @@ def evaluate_checkpoint(
     raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; have {sorted(steps)}")
   ckpt.check_model_config(max(steps) if step is None else step, config.model)
 
-  model = models.build(config.model)
+  model = models.build(config.model, platform=mesh.devices.flat[0].platform)
   batches = eval_batches(config, mesh, split)
   first = next(batches)
   image_shape = tuple(first["image"].shape[1:])  # [H, W, C]

@@ -127,7 +127,7 @@ def train_and_evaluate(
   )  # fmt: skip
 
   # Model, optimizer, state.
-  model = models.build(config.model)
+  model = models.build(config.model, platform=mesh.devices.flat[0].platform)
   tx, schedule = optim.make_optimizer(
     config, total_steps=total_steps, steps_per_epoch=steps_per_epoch
   )
