@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from spikeatconv_jax.layers import common, ops
+from spikeatconv_jax.layers import norms as portable_norms
 from spikeatconv_jax.xla_cpu import native, norms, products
 
 
@@ -268,7 +269,7 @@ def test_layer_norms_follow_the_active_table():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 24)) + 3.0
   z, shift, gamma = x, jnp.linspace(-1.0, 1.0, 24), jnp.linspace(0.5, 2.0, 24)
   outs = {}
-  for name, cls in (("xla", nn.LayerNorm), ("xla_cpu", norms.CPULayerNorm)):
+  for name, cls in (("xla", portable_norms.LayerNorm), ("xla_cpu", norms.CPULayerNorm)):
     with ops.use(name):
       assert type(common.layer_norm(dtype=jnp.float32, name="ln")) is cls
       m = common.layer_norm(dtype=jnp.float32, name="ln", scale_init=0.5)

@@ -161,7 +161,7 @@ def test_module_params_and_dispatch(monkeypatch):
   # The portable table (also outside any `ops.use` block) runs lax with a taps kernel gradient.
   assert ops.current().name == "xla"
   assert ops.get("xla").depthwise_conv2d is dwconv.depthwise_conv2d_lax_taps
-  assert ops.get("xla").spike_merge_conv is dwconv.branch_sum_conv2d_lax_taps
+  assert ops.get("xla").spike_merge_conv is dwconv.spike_merge_conv_int8
   assert native.available()
   outs = {"xla": module.apply({"params": params}, x)}
   try:

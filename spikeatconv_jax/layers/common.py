@@ -140,8 +140,9 @@ def conv(
   )
 
 
-def batch_norm(*, train: bool, dtype: Dtype, name: str, scale_init: float = 1.0) -> nn.BatchNorm:
-  """BatchNorm over every axis but channels (so over T·B·H·W on [T, B, H, W, C]).
+def batch_norm(*, train: bool, dtype: Dtype, name: str, scale_init: float = 1.0) -> nn.Module:
+  """BatchNorm over every axis but channels (so over T·B·H·W on [T, B, H, W, C]), in the active
+  table's form (nn.BatchNorm's parameters and batch_stats whatever the table).
 
   Args:
     train: batch statistics (and a running-average update) when True.
@@ -149,7 +150,7 @@ def batch_norm(*, train: bool, dtype: Dtype, name: str, scale_init: float = 1.0)
     name: module name.
     scale_init: initial γ; `model.spk.norm_init_scale` for norms right before an SPK.
   """
-  return nn.BatchNorm(
+  return ops.current().batch_norm(
     use_running_average=not train,
     momentum=BN_MOMENTUM,
     epsilon=BN_EPS,

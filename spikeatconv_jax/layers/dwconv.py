@@ -16,6 +16,10 @@ with groups=C of MBPL's merge (DESIGN.md §3), in the same two forms. The branch
 a minor axis (channel c*K + k), so lax's groups (K consecutive channels per output channel) are
 a free reshape, with no transpose.
 
+`spike_merge_conv_int8` (the portable table's `spike_merge_conv`): the same sum for integer-valued
+branches (spikes, spike counts), whose backward keeps them as int8; its forward is K depthwise
+convs ("depthwise") or the grouped conv ("grouped"), its kernel gradient per-offset reductions.
+
 The XLA:CPU forms (native kernels, shift-sum, Toeplitz matmul) live in `spikeatconv_jax.xla_cpu`.
 """
 
@@ -194,6 +198,78 @@ def branch_sum_conv2d_lax_taps(xs: Sequence[jax.Array], kernel: jax.Array, strid
   strides = check_sum(xs, kernel, strides)
   x, dtype = _stacked(xs, kernel)
   return grouped_conv_taps(x, kernel.astype(dtype), strides, xs[0].shape[3], True)
+
+
+MERGE_FORMS = ("grouped", "depthwise")
+
+
+def _merge_forward(xs, kernel, strides, form):
+  """Σ_k depthwise conv(xs[k], kernel[:, :, k, :]) in xs' dtype, accumulated in float32.
+
+  "grouped": one grouped conv K*C -> C (groups=C, the K branches of a channel in one group).
+  "depthwise": K depthwise convs (groups=C, one input channel per group), summed.
+  """
+  c = xs[0].shape[3]
+  if form == "grouped":
+    n, h, w, _ = xs[0].shape
+    x = jnp.stack(xs, axis=-1).reshape(n, h, w, c * len(xs))
+    return grouped_conv(x, kernel, strides, c, True)
+  acc = None
+  for k, x in enumerate(xs):
+    y = lax.conv_general_dilated(
+      x,
+      kernel[:, :, k : k + 1, :],
+      window_strides=strides,
+      padding="SAME",
+      dimension_numbers=_NHWC,
+      feature_group_count=c,
+      preferred_element_type=jnp.float32,
+    )
+    acc = y if acc is None else acc + y
+  return acc.astype(xs[0].dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _spike_merge(xs, kernel, strides, form):
+  return _merge_forward(xs, kernel, strides, form)
+
+
+def _spike_merge_fwd(xs, kernel, strides, form):
+  # The branches hold integers in [-128, 127] (the hook's contract): int8 keeps them exactly.
+  return _merge_forward(xs, kernel, strides, form), (jnp.stack(xs, -1).astype(jnp.int8), kernel)
+
+
+def _spike_merge_bwd(strides, form, res, g):
+  x8, kernel = res
+  x = x8.astype(kernel.dtype)  # [N, H, W, C, K]
+  nb = x.shape[-1]
+  xs = tuple(x[..., k] for k in range(nb))
+  # Input gradient: the transposed convs (they read only the kernel and g).
+  _, vjp_x = jax.vjp(lambda xs_: _merge_forward(xs_, kernel, strides, form), xs)
+  (dxs,) = vjp_x(g)
+  n, h, w, c, _ = x.shape
+  dk = kernel_grad_taps(x.reshape(n, h, w, c * nb), g, kernel.shape[:2], nb, strides)
+  return dxs, dk.astype(kernel.dtype)
+
+
+_spike_merge.defvjp(_spike_merge_fwd, _spike_merge_bwd)
+
+
+def spike_merge_conv_int8(
+  xs: Sequence[jax.Array], kernel: jax.Array, strides=(1, 1), form: str = "depthwise"
+):
+  """The portable table's MBPL merge: `branch_sum_conv2d_lax`'s value and gradients, whose
+  backward keeps the K integer-valued branches as one int8 stack (a quarter of the float32
+  stack, half of bf16's) instead of the float stack, and takes the kernel gradient as per-offset
+  reductions (`kernel_grad_taps`). `form` picks the forward (and so input-gradient) convs, see
+  `MERGE_FORMS`: "depthwise" (K depthwise convs, the form every backend has a kernel for) or
+  "grouped" (one grouped conv with K input channels per group)."""
+  if form not in MERGE_FORMS:
+    raise ValueError(f"unknown merge form {form!r}; known: {', '.join(MERGE_FORMS)}")
+  strides = check_sum(xs, kernel, strides)
+  dtype = jnp.promote_types(jnp.result_type(*xs), kernel.dtype)
+  xs = tuple(x.astype(dtype) for x in xs)
+  return _spike_merge(xs, kernel.astype(dtype), strides, form)
 
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)):

@@ -41,6 +41,10 @@ Hooks (see `Ops`):
   sum_leading(x) -> jnp.sum(x, axis=0)
   repeat_time(x, t) -> x broadcast to [t, *x.shape]
   add_broadcast(x, b) -> x + b (b broadcast over x's leading axes, in x's dtype)
+  batch_norm(*, use_running_average, momentum, epsilon, dtype, param_dtype, scale_init, name)
+      -> module: a BatchNorm over every axis but the last with nn.BatchNorm's parameters
+      ("scale", "bias") and running statistics ("batch_stats": "mean", "var"). Portable:
+      `layers.norms.BatchNorm`; a table that does not set it uses nn.BatchNorm.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class Ops:
   sum_leading: Callable
   repeat_time: Callable
   add_broadcast: Callable
+  batch_norm: Callable[..., nn.Module] = nn.BatchNorm
 
 
 def _identity(x: jax.Array) -> jax.Array:
@@ -100,7 +105,9 @@ def _add_broadcast(x: jax.Array, b: jax.Array) -> jax.Array:
   return x + b.astype(x.dtype)
 
 
-def _scaled_layer_norm(*, epsilon, dtype, param_dtype, name):
+def scaled_layer_norm_flax(*, epsilon, dtype, param_dtype, name):
+  """γ ⊙ nn.LayerNorm(x + shift) as three flax/jnp ops (autodiff's backward): the reference
+  the tables' `scaled_layer_norm` forms are tested against."""
   ln = nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name)
 
   def f(x, *, shift, gamma):
@@ -111,21 +118,22 @@ def _scaled_layer_norm(*, epsilon, dtype, param_dtype, name):
 
 
 def _portable() -> Ops:
-  from spikeatconv_jax.layers import dwconv  # dwconv imports this module
+  from spikeatconv_jax.layers import dwconv, norms  # dwconv imports this module
 
   return Ops(
     name="xla",
     dense_dot_general=lax.dot_general,
     conv_general_dilated=lax.conv_general_dilated,
-    layer_norm=nn.LayerNorm,
-    scaled_layer_norm=_scaled_layer_norm,
+    layer_norm=norms.LayerNorm,
+    scaled_layer_norm=norms.ScaledLayerNorm,
     depthwise_conv2d=dwconv.depthwise_conv2d_lax_taps,
-    spike_merge_conv=dwconv.branch_sum_conv2d_lax_taps,
+    spike_merge_conv=dwconv.spike_merge_conv_int8,
     materialize=_identity,
     materialize_cotangent=_identity,
     sum_leading=_sum_leading,
     repeat_time=_repeat_time,
     add_broadcast=_add_broadcast,
+    batch_norm=norms.BatchNorm,
   )
 
 
@@ -145,6 +153,8 @@ def register(name: str, loader: Callable[[], Ops]) -> None:
 @functools.cache
 def get(name: str) -> Ops:
   """The table called `name` ("xla", "xla_cpu", or a registered one; not "auto")."""
+  if name == "auto":
+    raise ValueError("ops.get wants a table name; resolve 'auto' first (ops.resolve)")
   if name not in _LOADERS:
     raise ValueError(f"unknown model.kernels {name!r}; known: {', '.join(('auto', *_LOADERS))}")
   return _LOADERS[name]()

@@ -1,0 +1,59 @@
+"""The portable table's MBPL merge (dwconv.spike_merge_conv_int8) against the plain lax grouped
+conv: values and gradients in float32 and bfloat16, both forward forms; int8 residuals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spikeatconv_jax.layers import dwconv
+
+
+def _branches(dtype, k=4, shape=(2, 9, 9, 6), counts=False):
+  keys = jax.random.split(jax.random.PRNGKey(0), k)
+  if counts:  # spike counts (time_mode='neuron'): integers beyond {0, 1}
+    xs = [jax.random.randint(kk, shape, 0, 5).astype(dtype) for kk in keys]
+  else:
+    xs = [jax.random.bernoulli(kk, 0.3, shape).astype(dtype) for kk in keys]
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (7, 7, k, shape[-1])) * 0.1
+  return xs, kernel.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize(
+  "form,counts", [("depthwise", False), ("depthwise", True), ("grouped", False)]
+)
+def test_merge_matches_lax_grouped_conv(form, dtype, tol, counts):
+  xs, kernel = _branches(dtype, counts=counts)
+  r = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 9, 6))
+
+  def loss(f):
+    return lambda xs, k: jnp.sum(f(xs, k).astype(jnp.float32) * r)
+
+  def ours(xs, k):
+    return dwconv.spike_merge_conv_int8(xs, k, (1, 1), form)
+
+  want, g_want = jax.value_and_grad(loss(dwconv.branch_sum_conv2d_lax), argnums=(0, 1))(
+    [x.astype(jnp.float32) for x in xs], kernel.astype(jnp.float32)
+  )
+  got, g_got = jax.jit(jax.value_and_grad(loss(ours), argnums=(0, 1)))(xs, kernel)
+  assert ours(xs, kernel).dtype == dtype
+  np.testing.assert_allclose(float(got), float(want), rtol=tol, atol=tol * 10)
+  for a, b in zip(jax.tree_util.tree_leaves(g_want), jax.tree_util.tree_leaves(g_got), strict=True):
+    assert b.dtype == dtype and a.shape == b.shape
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(b, a, rtol=tol, atol=tol * float(np.max(np.abs(a))))
+
+
+def test_merge_keeps_branches_as_int8():
+  xs, kernel = _branches(jnp.bfloat16, shape=(2, 16, 16, 8))
+  _, vjp = jax.vjp(lambda xs, k: dwconv.spike_merge_conv_int8(xs, k), xs, kernel)
+  kept = [leaf for leaf in jax.tree_util.tree_leaves(vjp) if hasattr(leaf, "dtype")]
+  maps = [leaf for leaf in kept if leaf.size >= xs[0].size]
+  assert [(m.dtype, m.shape) for m in maps] == [(jnp.int8, (2, 16, 16, 8, 4))]
+
+
+def test_merge_rejects_unknown_form():
+  xs, kernel = _branches(jnp.float32)
+  with pytest.raises(ValueError, match="unknown merge form"):
+    dwconv.spike_merge_conv_int8(xs, kernel, (1, 1), "taps")
