@@ -54,13 +54,10 @@ def config_from_dict(d: dict) -> ml_collections.ConfigDict:
 
 
 def build_model(model_config: Any, platform: str | None = None) -> nn.Module:
-  """`models.build` for the platform the variables live on (None: the default device's)."""
-  try:
-    return models.build(model_config, platform=platform)
-  except TypeError as e:
-    if "platform" not in str(e):
-      raise
-    return models.build(model_config)  # a factory that picks the form on its own
+  """`models.build` for the platform the variables live on (None: the default device's), so
+  `model.kernels="auto"` picks the forms of the devices that run it, not of those that
+  trained it."""
+  return models.build(model_config, platform=platform)
 
 
 def variables_of(params: Any, batch_stats: Any) -> dict[str, Any]:
@@ -227,11 +224,20 @@ def site_spikes(intermediates: Any) -> dict[str, list[jax.Array]]:
 
 
 def apply_with_spikes(model: nn.Module, variables: dict, images: jax.Array):
-  """(logits [B, N], {site: [S_k [T, B, ..., C]]}) of one eval-mode forward pass."""
+  """(logits [B, N], {site: [S_k [T, B, ..., C]]}) of one eval-mode forward pass.
+
+  Under `time_mode='neuron'` (n neuron steps per network step) each S_k is the branch's mean
+  spike over its n steps, as the sown rates count it.
+  """
   logits, state = model.apply(
     variables, images, train=False, capture_intermediates=_capture_lifs, mutable=["intermediates"]
   )
-  return logits, site_spikes(state.get("intermediates", {}))
+  spikes = site_spikes(state.get("intermediates", {}))
+  spk = model.cfg.spk
+  n = int(spk.get("neuron_timesteps", 1))
+  if n > 1 and spk.kind == "mbpl":  # MBPL asks its LIFs for spike counts over the n steps
+    spikes = {site: [s / n for s in branches] for site, branches in spikes.items()}
+  return logits, spikes
 
 
 def per_image_rates(spikes: dict[str, list[jax.Array]]) -> dict[str, jax.Array]:
@@ -371,47 +377,41 @@ def image_files(paths: list[str]) -> list[epath.Path]:
 
 def preprocess(files: list[str | epath.PathLike], dataset_config: Any) -> np.ndarray:
   """[N, H, W, C] float32: each file's bytes through the eval pp string of `dataset_config`
-  (`pp_eval`), exactly as the eval pipeline feeds a tfds record's encoded image.
+  (`pp_eval`), as the eval pipeline feeds a tfds record's encoded image: the host part (up to
+  the first normalize) in TensorFlow, then the device part on the uint8 batch.
 
   Raises:
-    ValueError: a file that does not decode, or images of different shapes after the pp
-      string (e.g. no resize op in it for an image of another size).
+    ValueError: a file that does not decode, or images of another size than the model's after
+      the pp string (e.g. no resize op in it for an image of another size).
   """
   import tensorflow as tf
 
-  from spikeatconv_jax.data import ops
+  from spikeatconv_jax.data import device_ops, ops
 
-  pp = ops.get_preprocess_fn(dataset_config.pp_eval)
-  out, first = [], None
+  pp_eval = dataset_config.pp_eval
+  host_pp, _ = device_ops.split_pp(pp_eval)
+  pp = ops.get_preprocess_fn(host_pp or "keep('image', 'label')")
+  size = int(dataset_config.image_size)
+  out = []
   for i, f in enumerate(files):
     f = epath.Path(f)
     example = {"image": tf.constant(f.read_bytes()), "label": tf.constant(0, tf.int64)}
     try:
-      image = pp(ops.with_rng(example, i))["image"]
+      image = pp(ops.with_rng(example, i))["image"].numpy()
     except (tf.errors.InvalidArgumentError, ValueError) as e:
       msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise ValueError(f"{f}: cannot decode and preprocess it: {msg}") from None
-    image = np.asarray(tf.cast(image, tf.float32))
-    if first is None:
-      first = (f, image.shape)
-    elif image.shape != first[1]:
+    if image.shape[:2] != (size, size):
       raise ValueError(
-        f"{f} is {image.shape} after the eval preprocessing {dataset_config.pp_eval!r}, but "
-        f"{first[0]} is {first[1]}: give images of one size (the training images were "
-        f"{dataset_config.image_size} px)"
+        f"{f} is {image.shape[0]}x{image.shape[1]} after the eval preprocessing {pp_eval!r}; "
+        f"the model was trained on {size}x{size}: give images of that size (or a pp string "
+        "that resizes)"
       )
     out.append(image)
   if not out:
     raise ValueError("no images given")
-  images = np.stack(out)
-  size = int(dataset_config.image_size)
-  if images.shape[1:3] != (size, size):
-    raise ValueError(
-      f"{first[0]} is {images.shape[1]}x{images.shape[2]} after the eval preprocessing "
-      f"{dataset_config.pp_eval!r}; the model was trained on {size}x{size}: give images of "
-      "that size (this pp string does not resize)"
-    )
-  return images
+  on_device = jax.jit(functools.partial(device_ops.apply, pp_eval, rng=None))
+  return np.asarray(on_device(np.stack(out)), np.float32)
 
 
 def class_names(config: Any) -> list[str]:

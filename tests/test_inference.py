@@ -98,3 +98,21 @@ def test_spike_maps_first_site_per_stage_in_network_order(loaded):
 
 def test_class_names_from_tfds_metadata(loaded):
   assert inference.class_names(loaded.config) == fashion_mnist._LABEL_NAMES
+
+
+@pytest.mark.parametrize("kind,time_mode", [("mbpl", "neuron"), ("rl", "network")])
+def test_per_image_rates_of_other_kinds_and_time_modes(kind, time_mode):
+  from configs import default as default_config
+
+  c = default_config.get_config(f"spk={kind}").model
+  c.time_mode, c.timesteps = time_mode, 2
+  model = inference.build_model(c)
+  x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1)) * 2.0
+  variables = model.init(jax.random.key(0), x, train=False)
+  out = inference.predict(model, variables, np.asarray(x), batch_size=3)
+  _, sown = model.apply(variables, x, train=False, mutable=["spikes"])
+  batch = metrics.site_rates(sown["spikes"])
+  assert set(out["site_rates"]) == set(batch)
+  for site, r in out["site_rates"].items():
+    np.testing.assert_allclose(r.mean(axis=0), batch[site], rtol=1e-5, atol=1e-6, err_msg=site)
+  assert np.all(out["firing_rate"] > 0)
