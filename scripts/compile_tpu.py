@@ -291,6 +291,14 @@ def compile_program(name, config, devices, chip, args) -> dict:
       continue
     seconds = time.perf_counter() - t0
     report[kind] = analyse(compiled, chip, images_per_chip, seconds, args.top_fusions, dump)
+    s = report[kind]
+    print(
+      f"  {kind}: compiled in {seconds:.0f} s; {s['flops_per_image'] / 1e9:.2f} GFLOP and "
+      f"{s['bytes_per_image'] / 1e9:.3f} GB per image; {s['hbm']['total_bytes'] / 2**30:.2f} GiB "
+      "of HBM per chip",
+      file=sys.stderr,
+      flush=True,
+    )
   return report
 
 
