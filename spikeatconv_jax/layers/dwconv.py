@@ -4,9 +4,9 @@
 [N, H', W', C*M] (output channel c*M + m, lax's grouped-conv order), SAME padding. It runs the
 active hook table's form (`layers.ops`); the portable forms are here:
 
-- `depthwise_conv2d_lax`: `lax.conv_general_dilated` with `feature_group_count=C`, autodiff's
-  gradients. Kept as a reference and for benchmarks.
-- `depthwise_conv2d_lax_taps` (the portable table's form): the same forward and input gradient;
+- `depthwise_conv2d_lax` (the portable table's form): `lax.conv_general_dilated` with
+  `feature_group_count=C`, autodiff's gradients.
+- `depthwise_conv2d_lax_taps`: the same forward and input gradient;
   the kernel gradient as kh*kw per-offset reductions instead of autodiff's batch-grouped
   convolution, which JAX's tracker reports as slow as a dense conv on CUDA (jax-ml/jax#13800).
 
@@ -18,7 +18,11 @@ a free reshape, with no transpose.
 
 `spike_merge_conv_int8` (the portable table's `spike_merge_conv`): the same sum for integer-valued
 branches (spikes, spike counts), whose backward keeps them as int8; its forward is K depthwise
-convs ("depthwise") or the grouped conv ("grouped"), its kernel gradient per-offset reductions.
+convs ("depthwise") or the grouped conv ("grouped"), its gradients autodiff's.
+
+The portable table runs `depthwise_conv2d_lax` (autodiff): on XLA:TPU its kernel gradient, a
+convolution with batch_group_count, moved about a twelfth of the bytes of the per-offset
+reductions of `depthwise_conv2d_lax_taps` (which keeps the CUDA-tracker workaround).
 
 The XLA:CPU forms (native kernels, shift-sum, Toeplitz matmul) live in `spikeatconv_jax.xla_cpu`.
 """
@@ -244,12 +248,11 @@ def _spike_merge_bwd(strides, form, res, g):
   x = x8.astype(kernel.dtype)  # [N, H, W, C, K]
   nb = x.shape[-1]
   xs = tuple(x[..., k] for k in range(nb))
-  # Input gradient: the transposed convs (they read only the kernel and g).
-  _, vjp_x = jax.vjp(lambda xs_: _merge_forward(xs_, kernel, strides, form), xs)
-  (dxs,) = vjp_x(g)
-  n, h, w, c, _ = x.shape
-  dk = kernel_grad_taps(x.reshape(n, h, w, c * nb), g, kernel.shape[:2], nb, strides)
-  return dxs, dk.astype(kernel.dtype)
+  # Autodiff's gradients of the forward convs: the transposed convs for the input, convs with
+  # batch_group_count for the kernel (XLA:TPU runs these near their nominal flops; the
+  # per-offset reductions of `kernel_grad_taps` moved several times the bytes there).
+  _, vjp = jax.vjp(lambda xs_, k_: _merge_forward(xs_, k_, strides, form), xs, kernel)
+  return vjp(g)
 
 
 _spike_merge.defvjp(_spike_merge_fwd, _spike_merge_bwd)
@@ -260,10 +263,10 @@ def spike_merge_conv_int8(
 ):
   """The portable table's MBPL merge: `branch_sum_conv2d_lax`'s value and gradients, whose
   backward keeps the K integer-valued branches as one int8 stack (a quarter of the float32
-  stack, half of bf16's) instead of the float stack, and takes the kernel gradient as per-offset
-  reductions (`kernel_grad_taps`). `form` picks the forward (and so input-gradient) convs, see
-  `MERGE_FORMS`: "depthwise" (K depthwise convs, the form every backend has a kernel for) or
-  "grouped" (one grouped conv with K input channels per group)."""
+  stack, half of bf16's) instead of the float stack, and otherwise takes autodiff's gradients.
+  `form` picks the convs, see `MERGE_FORMS`: "depthwise" (K depthwise convs, which XLA:TPU
+  lowers near their nominal flops) or "grouped" (one grouped conv with K input channels per
+  group, which XLA:TPU lowered at about 20x its nominal flops)."""
   if form not in MERGE_FORMS:
     raise ValueError(f"unknown merge form {form!r}; known: {', '.join(MERGE_FORMS)}")
   strides = check_sum(xs, kernel, strides)

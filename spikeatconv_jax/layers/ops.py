@@ -126,7 +126,7 @@ def _portable() -> Ops:
     conv_general_dilated=lax.conv_general_dilated,
     layer_norm=norms.LayerNorm,
     scaled_layer_norm=norms.ScaledLayerNorm,
-    depthwise_conv2d=dwconv.depthwise_conv2d_lax_taps,
+    depthwise_conv2d=dwconv.depthwise_conv2d_lax,
     spike_merge_conv=dwconv.spike_merge_conv_int8,
     materialize=_identity,
     materialize_cotangent=_identity,
