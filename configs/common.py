@@ -118,6 +118,10 @@ def model_config(
   m.drop_path = config_dict.placeholder(float)  # None: the variant's default (DESIGN.md §7)
   m.dtype = "float32"  # compute dtype; params and membrane stay float32
   m.remat = False  # per-block jax.checkpoint
+  # What a rematerialised block keeps besides its input (read when remat=True): "full" nothing
+  # (the backward recomputes the whole block), "save_spikes" every SPK output (it recomputes
+  # each layer's conv/norm/LIF from the spikes before it: more memory than "full", less compute).
+  m.remat_policy = "full"
   # nn.scan over blocks 1..depth-1 of each stage: compile time stops growing with depth;
   # parameter names are the same either way.
   m.scan_blocks = False

@@ -18,6 +18,11 @@ anyway); the train loop stops on a non-finite loss or gradient.
 `remat(ModuleClass, static_argnums=...)` is a drop-in for `nn.remat` (same module names and
 variable trees; `static_argnums` counts `self`, as for `nn.remat`). Inside `nn.scan` plain
 `nn.remat` is enough: the scan's loop already orders each step's recomputation.
+
+What a rematerialised block keeps besides its inputs is `model.remat_policy` (`POLICIES`):
+"full" keeps nothing else; "save_spikes" also keeps every SPK output (the values named
+`SPIKES` by `name_spikes`), so the backward recomputes each layer from the spikes before it
+(conv, norm, LIF) instead of the whole block from its input.
 """
 
 from __future__ import annotations
@@ -29,6 +34,28 @@ import jax
 import jax.numpy as jnp
 from flax.core import lift
 from flax.linen import transforms as nn_transforms
+from jax.ad_checkpoint import checkpoint_name
+
+SPIKES = "spikes"  # the checkpoint name of SPK outputs
+POLICIES = ("full", "save_spikes")
+
+
+def check_policy(name: str) -> None:
+  if name not in POLICIES:
+    raise ValueError(f"unknown model.remat_policy {name!r}; known: {', '.join(POLICIES)}")
+
+
+def policy(name: str) -> Callable[..., bool] | None:
+  """The `jax.checkpoint` policy of a `model.remat_policy` value (None: save nothing)."""
+  check_policy(name)
+  if name == "full":
+    return None
+  return jax.checkpoint_policies.save_only_these_names(SPIKES)
+
+
+def name_spikes(x: jax.Array) -> jax.Array:
+  """The identity; names an SPK output for the "save_spikes" policy."""
+  return checkpoint_name(x, SPIKES)
 
 
 def _anchor(ct: Any) -> jax.Array | None:
@@ -75,7 +102,10 @@ def after_cotangent(fun: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _lifted_remat(
-  fn: Callable[..., Any], static_argnums: Sequence[int] = (), prevent_cse: bool = True
+  fn: Callable[..., Any],
+  static_argnums: Sequence[int] = (),
+  prevent_cse: bool = True,
+  policy: Callable[..., bool] | None = None,
 ) -> Callable[..., Any]:
   """flax.core.lift.checkpoint with the cotangent-ordered VJP (all collections and rngs)."""
   static = frozenset(static_argnums)
@@ -89,15 +119,20 @@ def _lifted_remat(
       return y, repack_fn(scope)
 
     dynamic = [a for i, a in enumerate(args) if i not in static]
-    f = after_cotangent(jax.checkpoint(rematted, prevent_cse=prevent_cse))
+    f = after_cotangent(jax.checkpoint(rematted, prevent_cse=prevent_cse, policy=policy))
     return f(variable_groups, rng_groups, *dynamic)
 
   return lift.pack(inner, (True,), (True,), (True,), name="remat")
 
 
-def remat(target: Any, static_argnums: int | Sequence[int] = (), prevent_cse: bool = True) -> Any:
-  """Like `nn.remat(target, static_argnums=...)`, with the recomputation ordered after the
-  output cotangent. `static_argnums` counts `self` (argument 0) and must include every
+def remat(
+  target: Any,
+  static_argnums: int | Sequence[int] = (),
+  prevent_cse: bool = True,
+  policy: Callable[..., bool] | None = None,
+) -> Any:
+  """Like `nn.remat(target, static_argnums=..., policy=...)`, with the recomputation ordered
+  after the output cotangent. `static_argnums` counts `self` (argument 0) and must include every
   Python-valued argument (e.g. `train`); keyword arguments are not supported."""
   if isinstance(static_argnums, int):
     static_argnums = (static_argnums,)
@@ -108,4 +143,5 @@ def remat(target: Any, static_argnums: int | Sequence[int] = (), prevent_cse: bo
     target,
     static_argnums=tuple(i - 1 for i in static_argnums),
     prevent_cse=prevent_cse,
+    policy=policy,
   )

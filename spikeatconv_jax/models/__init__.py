@@ -20,6 +20,7 @@ import flax.linen as nn
 import ml_collections
 
 from spikeatconv_jax.layers import ops
+from spikeatconv_jax.layers import remat as remat_lib
 from spikeatconv_jax.layers.attention import ATTENTION_KINDS
 from spikeatconv_jax.layers.convnext import STEM_ACTS
 from spikeatconv_jax.models.resnet import ResNet18
@@ -60,6 +61,7 @@ def check_config(cfg: Any) -> None:
     raise ValueError(f"unknown model.time_mode {cfg.time_mode!r}; known: {', '.join(TIME_MODES)}")
   if cfg.get("kernels", "auto") not in ops.KERNELS:
     raise ValueError(f"unknown model.kernels {cfg.kernels!r}; known: {', '.join(ops.KERNELS)}")
+  remat_lib.check_policy(cfg.get("remat_policy", "full"))
   if cfg.get("dtype", "float32") not in DTYPES:
     raise ValueError(f"unknown model.dtype {cfg.get('dtype')!r}; known: {', '.join(DTYPES)}")
   spk = cfg.spk

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from spikeatconv_jax.layers import common, ops
-from spikeatconv_jax.layers.remat import remat
+from spikeatconv_jax.layers import remat as remat_lib
 from spikeatconv_jax.models.spikeatconv import DTYPES
 from spikeatconv_jax.snn.spk import make_spk
 
@@ -79,7 +79,8 @@ class _Stage(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     block_cls = BasicBlock
     if self.cfg.get("remat", False):
-      block_cls = remat(BasicBlock, static_argnums=(2,))
+      policy = remat_lib.policy(self.cfg.get("remat_policy", "full"))
+      block_cls = remat_lib.remat(BasicBlock, static_argnums=(2,), policy=policy)
     for b in range(BLOCKS_PER_STAGE):
       stride = self.stride if b == 0 else 1
       x = block_cls(self.width, stride, self.cfg, dtype=self.dtype, name=f"block{b}")(x, train)

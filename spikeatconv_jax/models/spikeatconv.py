@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from spikeatconv_jax.layers import common, ops
+from spikeatconv_jax.layers import remat as remat_lib
 from spikeatconv_jax.layers.attention import FFN, Attention
 from spikeatconv_jax.layers.convnext import ConvBranch, Stem
-from spikeatconv_jax.layers.remat import remat
 
 # name -> (dims, depths, stem widths, default drop_path). heads = dim / head_dim.
 VARIANTS = {
@@ -155,10 +155,11 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     use_remat = bool(self.cfg.get("remat", False))
+    policy = remat_lib.policy(self.cfg.get("remat_policy", "full"))
     block_cls = SpikeAtConvBlock
     if use_remat:
       # static_argnums counts self: `train` (argument 2) must stay a Python bool.
-      block_cls = remat(SpikeAtConvBlock, static_argnums=(2,))
+      block_cls = remat_lib.remat(SpikeAtConvBlock, static_argnums=(2,), policy=policy)
     scan = scans_blocks(self.cfg, self.depth)
     for b in range(1 if scan else self.depth):
       x = block_cls(
@@ -173,7 +174,7 @@ class Stage(nn.Module):
       # Plain nn.remat inside the scan: the loop itself orders each step's recomputation.
       body = _ScanBlock
       if use_remat:
-        body = nn.remat(_ScanBlock, static_argnums=(3,), prevent_cse=False)
+        body = nn.remat(_ScanBlock, static_argnums=(3,), prevent_cse=False, policy=policy)
       blocks = nn.scan(
         body,
         variable_axes={True: 0},  # every collection: params, batch_stats, spikes
@@ -206,7 +207,10 @@ class SpikeAtConv(nn.Module):
 
     # Under remat the stem is rematerialised too: its full-resolution activations (T-fold after
     # the first SPK) would otherwise be the largest residuals kept for the backward pass.
-    stem_cls = remat(Stem, static_argnums=(2,)) if cfg.get("remat", False) else Stem
+    stem_cls = Stem
+    if cfg.get("remat", False):
+      policy = remat_lib.policy(cfg.get("remat_policy", "full"))
+      stem_cls = remat_lib.remat(Stem, static_argnums=(2,), policy=policy)
     x = stem_cls(
       tuple(v["stem"]), t, cfg.spk, stem_act=cfg.get("stem_act", "gelu"), dtype=dtype, name="stem"
     )(images, train)  # [T, B, H/2, W/2, C0]

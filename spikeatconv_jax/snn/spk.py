@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from spikeatconv_jax.layers import common
 from spikeatconv_jax.layers.dwconv import DepthwiseConv
+from spikeatconv_jax.layers.remat import name_spikes  # kept by model.remat_policy="save_spikes"
 from spikeatconv_jax.snn.lif import lif_multithreshold
 
 Dtype = Any
@@ -152,13 +153,13 @@ class SPK(nn.Module):
     if self.kind == "sl":
       s = self._lif(x, th[0])
       self._sow_rates([s])
-      return s
+      return name_spikes(s)
 
     if self.kind == "rl":
       s1 = self._lif(x, th[0])
       s2 = self._lif(x + s1 if self.rl_mode == "cascade" else s1, th[1])
       self._sow_rates([s1, s2])
-      return s1 + s2
+      return name_spikes(s1 + s2)
 
     if self.kind == "hsl":
       c = x.shape[-1]
@@ -167,7 +168,7 @@ class SPK(nn.Module):
       s1 = self._lif(x[..., : c // 2], th[0])
       s2 = self._lif(x[..., c // 2 :], th[1])
       self._sow_rates([s1, s2])
-      return jnp.concatenate([s1, s2], axis=-1)
+      return name_spikes(jnp.concatenate([s1, s2], axis=-1))
 
     if self.kind == "dcl":
       if x.ndim != 5:
@@ -183,7 +184,7 @@ class SPK(nn.Module):
           z = common.batch_norm(train=train, dtype=self.dtype, name=f"bn{k}x{k}")(z)
         outs.append(self._lif(z.reshape(t, b, h, w, c // 2).astype(dtype), th[i]))
       self._sow_rates(outs)
-      return jnp.concatenate(outs, axis=-1)
+      return name_spikes(jnp.concatenate(outs, axis=-1))
 
     # mbpl. K neurons on one input, one custom VJP (lif_multithreshold): the backward sums the K
     # input gradients in its single elementwise pass. (One LIF over a [..., C, K] broadcast
@@ -196,7 +197,7 @@ class SPK(nn.Module):
     self._sow_rates(spikes)
     count = sum(spikes[1:], spikes[0])
     if self.mbpl_merge == "sum":
-      return count
+      return name_spikes(count)
     if x.ndim != 5:
       raise ValueError(f"MBPL merge {self.mbpl_merge!r} needs [T, B, H, W, C], got {x.shape}")
     t, b, h, w, c = x.shape
@@ -224,7 +225,7 @@ class SPK(nn.Module):
       # γ ⊙ LN(Z + bias) as one op (`layers.ops` scaled_layer_norm).
       z = common.scaled_layer_norm(dtype=self.dtype, name="merge_ln")(z, shift=shift, gamma=gamma)
     z = z.reshape(t, b, h, w, c)
-    return (count + z).astype(dtype)
+    return name_spikes((count + z).astype(dtype))
 
 
 def make_spk(cfg: Any, *, threshold_scale: float = 1.0, none_act: str = "identity", **kw) -> SPK:
