@@ -516,8 +516,8 @@ def _nano_value_and_grad(kernels, spk="none", attention="softmax"):
 
 
 def test_portable_forms_compute_what_the_cpu_forms_compute():
-  """The whole nano train-mode forward and its gradients with the portable table (lax_taps
-  depthwise convs, nn.LayerNorm, autodiff's dense and conv gradients) equal the XLA:CPU
+  """The whole nano train-mode forward and its gradients with the portable table (lax's
+  depthwise convs, layers.norms, autodiff's dense and conv gradients) equal the XLA:CPU
   table's (native kernels, CPULayerNorm, patch gradients), with the same parameter tree.
   Spike-free, so no threshold crossing can flip between the two summation orders."""
   cpu_loss, cpu_grads = _nano_value_and_grad("xla_cpu")
