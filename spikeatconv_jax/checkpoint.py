@@ -42,7 +42,9 @@ from jax.experimental import multihost_utils
 # Model-config fields that may differ between save and restore: they change how the forward
 # pass runs, not what the state holds (compute dtype, rematerialisation, stochastic depth).
 # How the step is computed, not what the parameters mean: a checkpoint restores across them.
-RESTORE_IGNORED_FIELDS = frozenset({"dtype", "remat", "remat_policy", "drop_path", "scan_blocks"})
+RESTORE_IGNORED_FIELDS = frozenset(
+  {"dtype", "remat", "remat_policy", "drop_path", "scan_blocks", "kernels"}
+)
 # Model fields added after checkpoints were first written, with the value every older
 # checkpoint implies: a saved config that lacks one of them is compared as holding the default.
 ADDED_FIELD_DEFAULTS = {
