@@ -115,4 +115,6 @@ def test_per_image_rates_of_other_kinds_and_time_modes(kind, time_mode):
   assert set(out["site_rates"]) == set(batch)
   for site, r in out["site_rates"].items():
     np.testing.assert_allclose(r.mean(axis=0), batch[site], rtol=1e-5, atol=1e-6, err_msg=site)
-  assert np.all(out["firing_rate"] > 0)
+  # An untrained net may leave an image silent; a rate is a mean of spikes, so it lies in [0, 1].
+  assert out["firing_rate"].shape == (x.shape[0],)
+  assert np.all((out["firing_rate"] >= 0) & (out["firing_rate"] <= 1))
