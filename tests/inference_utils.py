@@ -1,6 +1,6 @@
 """A tiny trained workdir shared by the tests of loading, predicting, exporting and plotting.
 
-Trained once per pytest run (under pytest's session temp directory), on Fashion-MNIST from
+Trained once per pytest run (under pytest's base temp directory), on Fashion-MNIST from
 /usr/share/datasets/fashion-mnist when it is installed, else on the synthetic IDX files of
 train_utils (same builder, same pipeline). Nano MBPL with the sum merge at 28 px, as
 configs/default.py, for 40 steps.
