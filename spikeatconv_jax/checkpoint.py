@@ -137,21 +137,39 @@ def _is_abandoned_read(unraisable) -> bool:
   )
 
 
+def _drop_unretrieved_read_errors(record: py_logging.LogRecord) -> bool:
+  """False for asyncio's "Task/Future exception was never retrieved" about an array read."""
+  message = record.getMessage().lower()
+  reading = "error reading" in message or "error while reading" in message
+  return not ("exception was never retrieved" in message and reading)
+
+
 def _quiet_abandoned_reads():
   """When one array read of a restore fails, Orbax abandons the others, and each prints a
   traceback to stderr when its coroutine is collected or its I/O completes later (hundreds for
-  a real model). They say nothing the raised error does not: from the first failed restore on,
-  they are dropped, and anything else still reaches the hook that was there before."""
-  if not getattr(sys.unraisablehook, "drops_abandoned_reads", False):
-    previous = sys.unraisablehook
+  a real model), through three routes: the unraisable hook, sys.excepthook (a TensorStore
+  callback finding the restore's event loop closed) and asyncio's "exception was never
+  retrieved" log. They say nothing the raised error does not. Installed before every restore
+  (a late completion can beat the `except` that sees the error); only these are dropped, and
+  anything else reaches the hook that was there before."""
+  if getattr(sys.unraisablehook, "drops_abandoned_reads", False):
+    return
+  previous = sys.unraisablehook
 
-    def hook(unraisable):
-      if not _is_abandoned_read(unraisable):
-        previous(unraisable)
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable):
+      previous(unraisable)
 
-    hook.drops_abandoned_reads = True
-    sys.unraisablehook = hook
-  gc.collect()  # the abandoned coroutines, now rather than at some later allocation
+  hook.drops_abandoned_reads = True
+  sys.unraisablehook = hook
+  previous_excepthook = sys.excepthook
+
+  def excepthook(exc_type, exc, tb):
+    if not (exc_type is RuntimeError and str(exc) == "Event loop is closed"):
+      previous_excepthook(exc_type, exc, tb)
+
+  sys.excepthook = excepthook
+  py_logging.getLogger("asyncio").addFilter(_drop_unretrieved_read_errors)
 
 
 def _agreed(ok: bool) -> bool:
@@ -341,6 +359,7 @@ class Checkpointer:
       self.check_model_config(step, model_config)
     self.check_shapes(step, target)
     error = None
+    _quiet_abandoned_reads()
     try:
       out = self.manager.restore(
         int(step),
@@ -349,7 +368,7 @@ class Checkpointer:
         ),
       )
     except Exception as e:
-      _quiet_abandoned_reads()
+      gc.collect()  # the abandoned coroutines, now rather than at some later allocation
       error = self._unreadable(step, e)
       error.__cause__ = e
     if not _agreed(error is None):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import train_utils
 
-from spikeatconv_jax.train import loop
+from spikeatconv_jax.train import evaluate, loop
 
 train_utils.enable_compile_cache()
 
@@ -78,3 +78,25 @@ def test_eval_errors(run):
   cfg = train_utils.write_config_file(root)
   r = _eval(["--config", cfg, "--workdir", workdir, "--step", "3"])
   assert r.returncode == 1 and "no checkpoint for step 3" in r.stderr
+
+
+@pytest.mark.parametrize("rate, shown", [(0.0, "0.0000"), (0.0123, "0.0123"), (None, "n/a")])
+def test_table_shows_a_silent_network_as_zero_and_a_spike_free_one_as_na(rate, shown):
+  res = {
+    "model": "spikeatconv/nano",
+    "step": 2,
+    "split": "test",
+    "num_examples": 8,
+    "num_devices": 1,
+    "top1": 0.5,
+    "top5": 1.0,
+    "loss": 1.0,
+    "firing_rate": rate,
+    "energy_mj_per_image": None,
+    "images_per_s": 10.0,
+    "num_params": 100,
+    "firing_rates_per_stage": {},
+    "firing_rates": {},
+  }
+  line = next(ln for ln in evaluate.table(res).splitlines() if "mean firing rate" in ln)
+  assert line.split()[-1] == shown

@@ -198,6 +198,11 @@ def result_filename(workdir: str, split: str, step: int) -> str:
   return metrics_lib.join(metrics_lib.resolve_dir(workdir), f"eval_{safe}_{step}.json")
 
 
+def _rate(rate: float | None) -> str:
+  """A mean firing rate for the table: "n/a" for a spike-free model (no SPK sites)."""
+  return f"{'n/a':>8}" if rate is None else f"{rate:8.4f}"
+
+
 def table(res: dict[str, Any]) -> str:
   """A readable summary: the headline numbers, then per-stage and per-site rates."""
   energy = res["energy_mj_per_image"]
@@ -207,7 +212,7 @@ def table(res: dict[str, Any]) -> str:
     f"  {'top-1':<24}{res['top1'] * 100:8.2f} %",
     f"  {'top-5':<24}{res['top5'] * 100:8.2f} %",
     f"  {'loss':<24}{res['loss']:8.4f}",
-    f"  {'mean firing rate':<24}{(res['firing_rate'] or float('nan')):8.4f}",
+    f"  {'mean firing rate':<24}{_rate(res['firing_rate'])}",
     f"  {'energy per image':<24}{'n/a' if energy is None else f'{energy:8.4f} mJ'}",
     f"  {'images/s':<24}{res['images_per_s']:8.1f}",
     f"  {'parameters':<24}{res['num_params']:8,d}",
