@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import jax
+import jax.numpy as jnp
+
 _COMPUTATION = re.compile(r"^%([\w.\-]+) ([^\n]*)\{\n(.*?)\n\}", re.M | re.S)
 
 
@@ -13,3 +16,22 @@ def computations(compiled) -> Iterator[tuple[str, str, str]]:
   signature is "(params) -> result " and the body its instruction lines."""
   for m in _COMPUTATION.finditer(compiled.as_text()):
     yield m.group(1), m.group(2), m.group(3)
+
+
+def train_mode_loss(model, image_shape=(2, 32, 32, 3)):
+  """(loss, abstract variables) of `model` in train mode on zeros: loss(params, batch_stats) is
+  the sum of squared logits, for tests that lower or trace a forward+backward."""
+  x = jnp.zeros(image_shape)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+
+  def loss(params, stats):
+    out, _ = model.apply(
+      {"params": params, "batch_stats": stats},
+      x,
+      train=True,
+      rngs={"dropout": jax.random.PRNGKey(1)},
+      mutable=["batch_stats", "spikes"],
+    )
+    return jnp.sum(out**2)
+
+  return loss, variables

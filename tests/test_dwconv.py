@@ -446,19 +446,7 @@ def test_portable_train_step_kernel_gradients_are_batch_grouped_convolutions(mon
     cfg.attention.partition = 4
     m = models.build(cfg, platform="tpu")
     assert m.cfg.kernels == "xla"
-    x = jnp.zeros((2, 32, 32, 3))
-    variables = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, train=False))
-
-    def loss(params, stats):
-      out, _ = m.apply(
-        {"params": params, "batch_stats": stats},
-        x,
-        train=True,
-        rngs={"dropout": jax.random.PRNGKey(1)},
-        mutable=["batch_stats", "spikes"],
-      )
-      return out.sum()
-
+    loss, variables = hlo_utils.train_mode_loss(m)
     jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"])
   finally:
     monkeypatch.undo()

@@ -7,6 +7,7 @@ whatever the table (checkpoints move between backends).
 
 import re
 
+import hlo_utils
 import jax
 import jax.numpy as jnp
 import pytest
@@ -28,20 +29,7 @@ def _nano(kernels="auto", spk="mbpl", attention="sisa"):
 
 def _train_step(cfg, platform=None):
   """The lowered train-mode forward+backward (loss and all gradients) on this host."""
-  m = models.build(cfg, platform=platform)
-  x = jnp.zeros((2, 32, 32, 3))
-  v = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x, train=False))
-
-  def loss(params, stats):
-    out, _ = m.apply(
-      {"params": params, "batch_stats": stats},
-      x,
-      train=True,
-      rngs={"dropout": jax.random.PRNGKey(1)},
-      mutable=["batch_stats", "spikes"],
-    )
-    return jnp.sum(out**2)
-
+  loss, v = hlo_utils.train_mode_loss(models.build(cfg, platform=platform))
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(v["params"], v["batch_stats"])
 
 
