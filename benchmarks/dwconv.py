@@ -42,12 +42,12 @@ MODELS = {
   "base": dict(dims=(128, 256, 512, 1024), maps=(56, 28, 14, 7), batch=32),  # benchmarks/gpu.sh
 }
 IMPLS = {
-  "lax": dwconv.depthwise_conv2d_lax,
-  "lax_taps": dwconv.depthwise_conv2d_lax_taps,  # the portable table's form
+  "lax": dwconv.depthwise_conv2d_lax,  # the portable table's form
+  "lax_taps": dwconv.depthwise_conv2d_lax_taps,
   "shift": cpu_dwconv.depthwise_conv2d_shift,
   # What the models run here: on CPU the native kernels (the Toeplitz matmul for small maps at
   # large batches); without a compiler the Toeplitz matmul below SHIFT_MIN_POSITIONS, else the
-  # shift. Elsewhere lax_taps.
+  # shift. Elsewhere lax.
   "auto": ops.get(ops.resolve("auto")).depthwise_conv2d,
 }
 
