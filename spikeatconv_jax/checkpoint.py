@@ -39,6 +39,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from spikeatconv_jax import metrics
+
 # Model-config fields that may differ between save and restore: they change how the forward
 # pass runs, not what the state holds (compute dtype, rematerialisation, stochastic depth).
 # How the step is computed, not what the parameters mean: a checkpoint restores across them.
@@ -107,9 +109,7 @@ class CheckpointUnreadableError(ValueError):
 
 def as_path(directory: str | epath.PathLike) -> epath.Path:
   """`directory` as an epath.Path: a URL (gs://...) as given, a local path made absolute."""
-  if "://" in str(directory):
-    return epath.Path(directory)
-  return epath.Path(directory).expanduser().absolute()
+  return epath.Path(metrics.resolve_dir(directory))
 
 
 def _reason(e: BaseException) -> str:
