@@ -123,7 +123,7 @@ def train_and_evaluate(
   logging.info(
     "mesh %s | %d processes | global batch %d | %d train examples, %d steps/epoch, %d steps | %s",
     dict(mesh.shape), jax.process_count(), config.batch_size, num_train, steps_per_epoch,
-    total_steps, f"resuming from step {start_step}" if start_step else "from scratch",
+    total_steps, f"latest checkpoint: step {start_step}" if start_step else "no checkpoint yet",
   )  # fmt: skip
 
   # Model, optimizer, state.
@@ -153,6 +153,7 @@ def train_and_evaluate(
   if restored != start_step:
     start_step = restored
     first, train_iter = batches_from(start_step)
+  logging.info(f"resuming from step {start_step}" if start_step else "training from scratch")
   if meta.get("data_position", start_step) != start_step:
     raise ValueError(f"checkpoint {start_step} has data_position {meta['data_position']}")
   num_params = state_lib.param_count(state.params)
