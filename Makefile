@@ -62,9 +62,12 @@ train: install data compiler tcmalloc
 	$(VPY) train.py --config $(CONFIG) --workdir $(WORKDIR)
 
 # pytest itself runs under tcmalloc too, when it is installed (an empty LD_PRELOAD is a no-op).
+# Two workers (pytest-xdist), one test file each at a time: a file's module fixtures (a trained
+# workdir) are built once. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: install-dev data compiler tcmalloc
 	LD_PRELOAD="$$($(VPY) -c 'from spikeatconv_jax.xla_cpu.malloc import find_tcmalloc; print(find_tcmalloc() or "")')" \
-	  $(VPY) -m pytest -q tests
+	  $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: install-dev
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -50,8 +50,8 @@ def test_round_trip_gives_the_same_logits(workdir, exported):
                jax.device_get(original.variables))  # fmt: skip
   images, _ = inference_utils.test_images(config, 8)
   x = images.astype(np.float32) / 64.0 - 1.0  # any input: both models see the same
-  a = original.model.apply(original.variables, x, train=False)
-  b = model.apply(variables, x, train=False)
+  a = jax.jit(lambda v, x: original.model.apply(v, x, train=False))(original.variables, x)
+  b = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert np.ptp(np.asarray(a)) > 0
   # spikeatconv_jax.load takes the file in place of a workdir.

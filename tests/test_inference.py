@@ -71,7 +71,7 @@ def test_per_image_rates_average_to_the_sown_batch_rates(loaded, tmp_path):
     inference_utils.write_png(path, image)
   x = inference.preprocess(files, config.dataset)
   out = inference.predict(model, variables, x, batch_size=4)  # a padded last batch
-  _, sown = model.apply(variables, x, train=False, mutable=["spikes"])
+  _, sown = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["spikes"]))(variables, x)
   batch = {k: np.asarray(v) for k, v in metrics.site_rates(sown["spikes"]).items()}
   assert set(out["site_rates"]) == set(batch) and len(batch) > 10
   for site, r in out["site_rates"].items():
@@ -108,9 +108,9 @@ def test_per_image_rates_of_other_kinds_and_time_modes(kind, time_mode):
   c.time_mode, c.timesteps = time_mode, 2
   model = inference.build_model(c)
   x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1)) * 2.0
-  variables = model.init(jax.random.key(0), x, train=False)
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
   out = inference.predict(model, variables, np.asarray(x), batch_size=3)
-  _, sown = model.apply(variables, x, train=False, mutable=["spikes"])
+  _, sown = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["spikes"]))(variables, x)
   batch = metrics.site_rates(sown["spikes"])
   assert set(out["site_rates"]) == set(batch)
   for site, r in out["site_rates"].items():
