@@ -1,4 +1,4 @@
-"""Shared helper of the tests that read compiled XLA HLO text."""
+"""Shared helpers of the tests that lower, trace or read compiled XLA programs."""
 
 from __future__ import annotations
 

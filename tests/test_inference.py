@@ -24,6 +24,12 @@ def loaded(workdir):
   return spikeatconv_jax.load(workdir)
 
 
+def _sown_batch_rates(model, variables, x):
+  """Each site's batch firing rate from the model's sown "spikes" collection (not inference's)."""
+  _, sown = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["spikes"]))(variables, x)
+  return metrics.site_rates(sown["spikes"])
+
+
 def test_load_restores_the_saved_variables_on_one_device(workdir, loaded):
   model, variables, config, step = loaded
   assert step == 40
@@ -71,8 +77,7 @@ def test_per_image_rates_average_to_the_sown_batch_rates(loaded, tmp_path):
     inference_utils.write_png(path, image)
   x = inference.preprocess(files, config.dataset)
   out = inference.predict(model, variables, x, batch_size=4)  # a padded last batch
-  _, sown = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["spikes"]))(variables, x)
-  batch = {k: np.asarray(v) for k, v in metrics.site_rates(sown["spikes"]).items()}
+  batch = {k: np.asarray(v) for k, v in _sown_batch_rates(model, variables, x).items()}
   assert set(out["site_rates"]) == set(batch) and len(batch) > 10
   for site, r in out["site_rates"].items():
     assert r.shape == (6, 4, 1), site  # [N, K, T]: MBPL's four branches, T = 1
@@ -110,8 +115,7 @@ def test_per_image_rates_of_other_kinds_and_time_modes(kind, time_mode):
   x = jax.random.normal(jax.random.key(1), (3, 28, 28, 1)) * 2.0
   variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
   out = inference.predict(model, variables, np.asarray(x), batch_size=3)
-  _, sown = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["spikes"]))(variables, x)
-  batch = metrics.site_rates(sown["spikes"])
+  batch = _sown_batch_rates(model, variables, x)
   assert set(out["site_rates"]) == set(batch)
   for site, r in out["site_rates"].items():
     np.testing.assert_allclose(r.mean(axis=0), batch[site], rtol=1e-5, atol=1e-6, err_msg=site)
