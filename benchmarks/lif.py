@@ -19,6 +19,11 @@ both counting read + write:
            and output allocation, i.e. the same allocator path as the LIF)
 Columns: median and minimum wall time, median process CPU time (all threads) per call.
 
+`--against REV` also times `spikeatconv_jax/snn/lif.py` as it was at git revision REV, call by
+call alternated with today's (same inputs, same load): the columns `REV ms` and `speedup` (REV's
+median over today's). Timings of two separate runs on this kind of shared machine can differ by
+2x; alternated calls are the comparison to trust.
+
 Glibc malloc returns blocks of >= 32 MiB to the OS with munmap, so every call may page-fault its
 output afresh; the MALLOC_* environment variables in effect are printed with the results.
 
@@ -32,8 +37,10 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +82,30 @@ def _timed(fn) -> tuple[float, float]:
   return time.perf_counter() - t0, time.process_time() - c0
 
 
-def bench_case(t, shape, dtype, copies: _Copies, repeats: int, warmup: int) -> list[dict]:
-  """Times fwd and fwd+bwd at T=t, each interleaved with the two copy probes.
+def _lif_at_revision(rev: str):
+  """`lif_multistep` from spikeatconv_jax/snn/lif.py at git revision `rev` (its own imports
+  resolve to today's package)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    src = subprocess.run(
+      ["git", "show", f"{rev}:spikeatconv_jax/snn/lif.py"],
+      cwd=root,
+      check=True,
+      capture_output=True,
+      text=True,
+    ).stdout
+  except subprocess.CalledProcessError as e:
+    raise SystemExit(f"--against {rev}: {e.stderr.strip()}") from None
+  module = types.ModuleType(f"lif_at_{rev}")
+  exec(compile(src, f"{rev}:spikeatconv_jax/snn/lif.py", "exec"), module.__dict__)
+  return module.lif_multistep
+
+
+def bench_case(
+  t, shape, dtype, copies: _Copies, repeats: int, warmup: int, baseline=None
+) -> list[dict]:
+  """Times fwd and fwd+bwd at T=t, each interleaved with the two copy probes (and with the
+  `baseline` LIF, when given).
 
   Interleaving makes each row's %copy a ratio under the same machine load: this machine is
   shared, and a copy measured a minute earlier may have seen a different load.
@@ -88,26 +117,37 @@ def bench_case(t, shape, dtype, copies: _Copies, repeats: int, warmup: int) -> l
   n = x.size
   b = jnp.dtype(dtype).itemsize
 
-  fwd = jax.jit(lif_multistep)
+  def programs(lif):
+    def fwd_bwd(x, g):
+      s, vjp = jax.vjp(lif, x)
+      return s, vjp(g)[0]
 
-  def fwd_bwd(x, g):
-    s, vjp = jax.vjp(lif_multistep, x)
-    return s, vjp(g)[0]
+    return {"fwd": jax.jit(lif), "fwd+bwd": jax.jit(fwd_bwd)}
 
-  fwd_bwd = jax.jit(fwd_bwd)
+  ours = programs(lif_multistep)
+  theirs = programs(baseline) if baseline is not None else None
   rows = []
-  for mode, fn, args, nbytes in (
-    ("fwd", fwd, (x,), n * (b + b)),
-    ("fwd+bwd", fwd_bwd, (x, g), n * (b + b + 4 + b + b)),
+  for mode, args, nbytes in (
+    ("fwd", (x,), n * (b + b)),
+    ("fwd+bwd", (x, g), n * (b + b + 4 + b + b)),
   ):
-    call = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+    call = lambda fn=ours[mode], args=args: jax.block_until_ready(fn(*args))
+    other = theirs and (lambda fn=theirs[mode], args=args: jax.block_until_ready(fn(*args)))
     for _ in range(warmup):
       call()
-    walls, cpus, np_walls, xla_walls = [], [], [], []
-    for _ in range(repeats):
+      if other:
+        other()
+    walls, cpus, np_walls, xla_walls, other_walls = [], [], [], [], []
+    for i in range(repeats):
+      # The baseline goes first in every other repeat: whichever call follows the other finds
+      # the inputs in cache, while the first follows the copy probes.
+      if other and i % 2:
+        other_walls.append(_timed(other)[0])
       w, c = _timed(call)
       walls.append(w)
       cpus.append(c)
+      if other and not i % 2:
+        other_walls.append(_timed(other)[0])
       np_walls.append(_timed(copies.numpy)[0])
       xla_walls.append(_timed(copies.xla)[0])
     sec = statistics.median(walls)
@@ -131,6 +171,9 @@ def bench_case(t, shape, dtype, copies: _Copies, repeats: int, warmup: int) -> l
         frac_copy_xla=gbps / copy_xla,
       )
     )
+    if other:
+      rows[-1]["baseline_ms"] = statistics.median(other_walls) * 1e3
+      rows[-1]["speedup"] = rows[-1]["baseline_ms"] / rows[-1]["ms"]
   return rows
 
 
@@ -141,7 +184,9 @@ def main(argv=None):
   ap.add_argument("--shape", default="32,32,32,64", help="B,H,W,C")
   ap.add_argument("--repeats", type=int, default=20)
   ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--against", metavar="REV", help="also time lif.py at this git revision")
   args = ap.parse_args(argv)
+  baseline = _lif_at_revision(args.against) if args.against else None
   shape = tuple(int(s) for s in args.shape.split(","))
   ts = [int(t) for t in args.timesteps.split(",")]
   dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
@@ -150,7 +195,7 @@ def main(argv=None):
   rows = []
   for dtype in dtypes:
     for t in ts:
-      rows.extend(bench_case(t, shape, dtype, copies, args.repeats, args.warmup))
+      rows.extend(bench_case(t, shape, dtype, copies, args.repeats, args.warmup, baseline))
   copy_np = statistics.median(r["copy_gb_per_s_numpy"] for r in rows)
   copy_xla = statistics.median(r["copy_gb_per_s_xla"] for r in rows)
 
@@ -169,6 +214,8 @@ def main(argv=None):
     f"{'dtype':>9} {'T':>2} {'mode':>8} {'ms':>8} {'min ms':>8} {'cpu ms':>8} {'Melem/s':>9} "
     f"{'GB/s':>7} {'copy np':>8} {'%copy(np)':>9} {'%copy(xla)':>10}"
   )
+  if baseline is not None:
+    hdr += f" {args.against[:10] + ' ms':>13} {'speedup':>8}"
   print(hdr)
   print("-" * len(hdr))
   for r in rows:
@@ -177,6 +224,7 @@ def main(argv=None):
       f"{r['cpu_ms']:8.2f} {r['elements_per_s'] / 1e6:9.1f} {r['gb_per_s']:7.2f} "
       f"{r['copy_gb_per_s_numpy']:8.2f} {100 * r['frac_copy_numpy']:8.1f}% "
       f"{100 * r['frac_copy_xla']:9.1f}%"
+      + (f" {r['baseline_ms']:13.2f} {r['speedup']:7.2f}x" if baseline is not None else "")
     )
   t4 = [r for r in rows if r["T"] == 4 and r["mode"] == "fwd+bwd"]
   for r in t4:
@@ -193,6 +241,7 @@ def main(argv=None):
         shape=[None, *shape],
         repeats=args.repeats,
         warmup=args.warmup,
+        against=args.against,
         jax=jax.__version__,
         cpus=os.cpu_count(),
         malloc_env=malloc_env,

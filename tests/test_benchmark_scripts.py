@@ -201,3 +201,36 @@ def test_sharded_step_benchmark_runs_the_custom_calls_without_gathering():
   row = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("{")))
   assert row["devices"] == 2 and row["partition_rule"] and row["dwconv"] == "native"
   assert row["all_gathers"] == 0 and row["step_ms"] > 0
+
+
+def test_lif_benchmark_times_a_git_revision_alongside():
+  """`benchmarks/lif.py --against REV` times lif.py at REV alternated with today's and reports
+  the ratio; an unknown revision stops with git's one-line reason."""
+  script = [sys.executable, str(REPO / "benchmarks" / "lif.py")]
+  small = ["--timesteps", "1,2", "--dtypes", "float32", "--shape", "1,4,4,8", "--repeats", "2"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  r = subprocess.run(
+    script + small + ["--warmup", "1", "--against", "HEAD"],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert r.returncode == 0, r.stderr
+  result = json.loads(r.stdout.strip().splitlines()[-1])
+  assert result["against"] == "HEAD" and len(result["results"]) == 4
+  for row in result["results"]:
+    assert row["baseline_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["ms"])
+  assert "HEAD ms" in r.stdout and "speedup" in r.stdout
+  bad = subprocess.run(
+    script + small + ["--against", "no-such-revision"],
+    env=env,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert bad.returncode != 0 and "--against no-such-revision" in bad.stderr
+  assert "Traceback" not in bad.stderr
