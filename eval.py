@@ -48,7 +48,7 @@ def main(argv):
   cli.start(argv, FLAGS)
   import jax
 
-  from spikeatconv_jax import metrics
+  from spikeatconv_jax import files
   from spikeatconv_jax.train import evaluate
 
   try:
@@ -60,9 +60,9 @@ def main(argv):
     sys.exit(1)
   if jax.process_index() == 0:
     path = evaluate.result_filename(FLAGS.workdir, res["split"], res["step"])
-    metrics.write_json(path, res)
+    files.write_json(path, res)
     if FLAGS.output:
-      metrics.write_json(metrics.resolve_dir(FLAGS.output), res)
+      files.write_json(files.resolve_dir(FLAGS.output), res)
     print(evaluate.table(res))
     print(f"wrote {path}" + (f" and {FLAGS.output}" if FLAGS.output else ""), flush=True)
 

@@ -121,15 +121,15 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import numpy as np
 
-  from spikeatconv_jax import inference, metrics
+  from spikeatconv_jax import files, inference
 
   if FLAGS.top < 1:
     print("error: --top must be >= 1", file=sys.stderr)
     sys.exit(1)
   try:
-    files = inference.image_files(argv[1:])
+    image_paths = inference.image_files(argv[1:])
     loaded = inference.load(FLAGS.workdir, FLAGS.step)
-    images = inference.preprocess(files, loaded.config.dataset)
+    images = inference.preprocess(image_paths, loaded.config.dataset)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
@@ -138,7 +138,7 @@ def main(argv):
   k = min(FLAGS.top, len(names))
   order = np.argsort(-out["probs"], axis=-1)[:, :k]
   top = [[(names[c], float(p[c])) for c in row] for row, p in zip(order, out["probs"])]
-  print(table([str(f) for f in files], top, out["firing_rate"]))
+  print(table([str(f) for f in image_paths], top, out["firing_rate"]))
 
   if FLAGS.output:
     result = {
@@ -153,18 +153,17 @@ def main(argv):
           "firing_rate": float(out["firing_rate"][i]),
           "firing_rates_per_stage": {s: float(v[i]) for s, v in out["stage_rates"].items()},
         }
-        for i, (f, row, p) in enumerate(zip(files, order, out["probs"]))
+        for i, (f, row, p) in enumerate(zip(image_paths, order, out["probs"]))
       ],
     }
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    metrics.write_json(FLAGS.output, result)
+    files.write_json(FLAGS.output, result)
     print(f"wrote {FLAGS.output}")
   if FLAGS.spike_maps:
     maps = inference.spike_maps(loaded.model, loaded.variables, images[0])
     if not maps:
       print("error: the model has no SPK sites (a spike-free model): no spike maps")
       sys.exit(1)
-    title = f"{files[0].name}: {top[0][0][0]} ({top[0][0][1]:.2f}), step {loaded.step}"
+    title = f"{image_paths[0].name}: {top[0][0][0]} ({top[0][0][1]:.2f}), step {loaded.step}"
     save_spike_maps(FLAGS.spike_maps, images[0], maps, title=title)
     print(f"wrote {FLAGS.spike_maps}")
 

@@ -39,7 +39,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from spikeatconv_jax import metrics
+from spikeatconv_jax import files
 
 # Model-config fields that may differ between save and restore: they change how the forward
 # pass runs, not what the state holds (compute dtype, rematerialisation, stochastic depth).
@@ -109,7 +109,7 @@ class CheckpointUnreadableError(ValueError):
 
 def as_path(directory: str | epath.PathLike) -> epath.Path:
   """`directory` as an epath.Path: a URL (gs://...) as given, a local path made absolute."""
-  return epath.Path(metrics.resolve_dir(directory))
+  return epath.Path(files.resolve_dir(directory))
 
 
 def _reason(e: BaseException) -> str:

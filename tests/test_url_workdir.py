@@ -15,7 +15,7 @@ import tensorflow as tf
 import train_utils
 
 from spikeatconv_jax import checkpoint as ckpt_lib
-from spikeatconv_jax import metrics
+from spikeatconv_jax import files
 from spikeatconv_jax.train import evaluate, loop
 
 train_utils.enable_compile_cache()
@@ -49,16 +49,16 @@ def test_train_and_eval_write_to_a_url(tmp_path, monkeypatch):
   names = {n.rstrip("/") for n in tf.io.gfile.listdir(URL)}
   assert {"config.json", "metrics.jsonl", "final_metrics.json", "checkpoints"} <= names
   assert any(n.startswith("events.out.tfevents") for n in names)
-  saved = json.loads(metrics.read_text(URL + "/final_metrics.json"))
+  saved = json.loads(files.read_text(URL + "/final_metrics.json"))
   assert saved["step"] == 4 and saved["energy_mj_per_image"] > 0
-  rows = [json.loads(r) for r in metrics.read_text(URL + "/metrics.jsonl").splitlines()]
+  rows = [json.loads(r) for r in files.read_text(URL + "/metrics.jsonl").splitlines()]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-  assert json.loads(metrics.read_text(URL + "/config.json"))["total_steps"] == 4
+  assert json.loads(files.read_text(URL + "/config.json"))["total_steps"] == 4
 
   res = evaluate.evaluate_checkpoint(config, URL)
   path = evaluate.result_filename(URL, res["split"], res["step"])
   assert path == URL + "/eval_test_4.json"
-  metrics.write_json(path, res)
-  assert json.loads(metrics.read_text(path))["top1"] == saved["eval"]["top1"]
+  files.write_json(path, res)
+  assert json.loads(files.read_text(path))["top1"] == saved["eval"]["top1"]
   assert given[-1] == URL + "/checkpoints" and res["checkpoint"] == URL + "/checkpoints/4"
   assert sorted(os.listdir(tmp_path)) == ["data", "local"]  # nothing written beside them

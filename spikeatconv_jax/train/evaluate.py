@@ -20,8 +20,8 @@ from orbax.checkpoint import multihost
 
 from spikeatconv_jax import checkpoint as ckpt_lib
 from spikeatconv_jax import energy as energy_lib
+from spikeatconv_jax import files, models, optim
 from spikeatconv_jax import metrics as metrics_lib
-from spikeatconv_jax import models, optim
 from spikeatconv_jax import sharding as sharding_lib
 from spikeatconv_jax.data import pipeline
 from spikeatconv_jax.train import checks
@@ -133,11 +133,11 @@ def evaluate_checkpoint(
     ValueError: a bad config; the checkpoint was made with another model config or other
       shapes, or it cannot be read (`checkpoint.CheckpointUnreadableError`, a one-line message).
   """
-  workdir = metrics_lib.resolve_dir(workdir)
+  workdir = files.resolve_dir(workdir)
   split = split or config.dataset.eval_split
   checks.check_config(config)
-  directory = metrics_lib.join(workdir, "checkpoints")
-  if not metrics_lib.exists(directory):
+  directory = files.join(workdir, "checkpoints")
+  if not files.exists(directory):
     raise FileNotFoundError(f"no checkpoints directory in {workdir}")
   mesh = sharding_lib.make_mesh(config.mesh)
   ckpt = ckpt_lib.Checkpointer(
@@ -187,7 +187,7 @@ def evaluate_checkpoint(
     "num_params": state_lib.param_count(state.params),
     "num_devices": jax.device_count(),
     "mesh": {k: int(v) for k, v in mesh.shape.items()},
-    "checkpoint": metrics_lib.join(directory, str(step)),
+    "checkpoint": files.join(directory, str(step)),
     "model": f"{config.model.name}/{config.model.variant}",
   }
 
@@ -195,7 +195,7 @@ def evaluate_checkpoint(
 def result_filename(workdir: str, split: str, step: int) -> str:
   """WORKDIR/eval_<split>_<step>.json, the split made filename-safe ("test[:64]" -> test_64)."""
   safe = re.sub(r"[^A-Za-z0-9._-]+", "_", split).strip("_")
-  return metrics_lib.join(metrics_lib.resolve_dir(workdir), f"eval_{safe}_{step}.json")
+  return files.join(files.resolve_dir(workdir), f"eval_{safe}_{step}.json")
 
 
 def _rate(rate: float | None) -> str:

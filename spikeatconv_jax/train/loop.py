@@ -27,8 +27,8 @@ from absl import logging
 from clu import metric_writers
 
 from spikeatconv_jax import checkpoint as ckpt_lib
+from spikeatconv_jax import files, models, optim
 from spikeatconv_jax import metrics as metrics_lib
-from spikeatconv_jax import models, optim
 from spikeatconv_jax import sharding as sharding_lib
 from spikeatconv_jax.data import pipeline
 from spikeatconv_jax.train import checks
@@ -98,7 +98,7 @@ def train_and_evaluate(
     ValueError: a bad config or an incompatible checkpoint, before any training.
   """
   wall_start = time.time()
-  workdir = metrics_lib.resolve_dir(workdir)
+  workdir = files.resolve_dir(workdir)
   is_main = jax.process_index() == 0
   checks.check_config(config)
 
@@ -109,7 +109,7 @@ def train_and_evaluate(
   num_train = pipeline.num_examples(config.dataset, config.dataset.train_split)
   steps_per_epoch, total_steps = checks.schedule_lengths(config, num_train)
   ckpt = ckpt_lib.Checkpointer(
-    metrics_lib.join(workdir, "checkpoints"),
+    files.join(workdir, "checkpoints"),
     every=config.checkpoint_every_steps,
     keep=config.keep_checkpoints,
     devices=mesh.devices.flat,
@@ -119,7 +119,7 @@ def train_and_evaluate(
     ckpt.check_model_config(start_step, config.model)  # before any data or compile
   if is_main:
     config_dict = ckpt_lib.config_to_dict(config)
-    metrics_lib.write_json(metrics_lib.join(workdir, "config.json"), config_dict)
+    files.write_json(files.join(workdir, "config.json"), config_dict)
   logging.info(
     "mesh %s | %d processes | global batch %d | %d train examples, %d steps/epoch, %d steps | %s",
     dict(mesh.shape), jax.process_count(), config.batch_size, num_train, steps_per_epoch,
@@ -172,7 +172,7 @@ def train_and_evaluate(
     if is_main
     else metric_writers.MultiWriter([])
   )
-  jsonl = metrics_lib.JsonlWriter(metrics_lib.join(workdir, "metrics.jsonl"), enabled=is_main)
+  jsonl = files.JsonlWriter(files.join(workdir, "metrics.jsonl"), enabled=is_main)
 
   def log_eval(step, res):
     scalars = {f"eval/{k}": v for k, v in res.items() if isinstance(v, float)}
@@ -279,10 +279,10 @@ def train_and_evaluate(
     "wall_time_s": wall,
     "workdir": workdir,
     "checkpoint_dir": ckpt.directory,
-    "metrics_file": metrics_lib.join(workdir, "metrics.jsonl"),
+    "metrics_file": files.join(workdir, "metrics.jsonl"),
   }
   if is_main:
-    metrics_lib.write_json(metrics_lib.join(workdir, "final_metrics.json"), final)
+    files.write_json(files.join(workdir, "final_metrics.json"), final)
     print(summary_text(config, final), flush=True)
   return final
 
