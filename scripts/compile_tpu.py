@@ -24,19 +24,26 @@ of their operands and result and multiplied by the trip count of the loops aroun
 (`configs/imagenet.py:variant=tiny,spk=none`), or `key=value` overrides of the main config
 (`model.spk.mbpl_merge=sum`); a config string may be followed by overrides, space-separated.
 
+With more than one program, each compiles in a fresh child process: XLA:TPU's host memory for a
+large program (Base: over 20 GB) is not given back to the system after the compile, so a
+second program compiled in the same process could be killed for memory.
+
 Prints a table, then ONE JSON line. Exits 1 on bad input; a program that does not fit the chip is
 reported (XLA's message in "error"), not raised.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import importlib.util
 import json
+import multiprocessing
 import os
 import re
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -435,14 +442,34 @@ def main(argv) -> None:
     "model_flops": "XLA:TPU's flop count of the compiled step",
     "programs": [],
   }
+  opts = types.SimpleNamespace(
+    **{k: FLAGS[k].value for k in ("mesh", "global_batch", "eval", "top_fusions", "dump_hlo")}
+  )
   for name, c in programs:
     print(f"compiling {name} for {FLAGS.topology} ...", file=sys.stderr, flush=True)
-    result["programs"].append(compile_program(name, copy.deepcopy(c), devices, chip, FLAGS))
+    if len(programs) == 1:
+      report = compile_program(name, copy.deepcopy(c), devices, chip, opts)
+    else:
+      report = _compile_in_child(name, c, FLAGS.topology, opts)
+    result["programs"].append(report)
   first = result["programs"][0]
   if len(programs) > 1:
     result["ratios"] = {p["name"]: ratios(first, p) for p in result["programs"][1:]}
   print(table(result))
   print(json.dumps(result))
+
+
+def _compile_child(name, config, topology: str, opts) -> dict:
+  chip, _ = hardware.parse_topology(topology)
+  return compile_program(name, config, hardware.topology_devices(topology), chip, opts)
+
+
+def _compile_in_child(name, config, topology: str, opts) -> dict:
+  """`compile_program` in a fresh process, whose host memory goes back to the system when it
+  ends."""
+  ctx = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+    return pool.submit(_compile_child, name, copy.deepcopy(config), topology, opts).result()
 
 
 def _main(argv) -> None:

@@ -87,14 +87,20 @@ def test_compiles_nano_for_one_v5e_chip(tmp_path):
   cmd = [
     sys.executable, str(REPO / "scripts" / "compile_tpu.py"),
     "--config", "configs/default.py", "--topology", "v5e:1x1", "--global_batch", "2",
-    "--top_fusions", "3", "--dump_hlo", str(hlo_dir),
+    "--top_fusions", "3", "--dump_hlo", str(hlo_dir), "--compare", "spike-free",
   ]  # fmt: skip
   r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(r.stdout.strip().splitlines()[-1])
   assert result["topology"] == "v5e:1x1" and result["chips"] == 1
   assert result["chip"]["generation"] == "v5e" and "TPU v5" in result["device_kind"]
-  (program,) = result["programs"]
+  program, twin = result["programs"]  # the twin compiled in a child process of its own
+  assert twin["name"] == "spike-free" and twin["kernels"] == "xla" and twin["params"] > 0
+  ratios = result["ratios"]["spike-free"]
+  for key in ("flops_per_image", "bytes_per_image"):
+    want = program["train"][key] / twin["train"][key]
+    assert ratios[key] == pytest.approx(want, rel=2e-3) and want > 1
+  assert "configs/default.py / spike-free (train)" in r.stdout
   assert program["mesh"] == {"data": 1, "fsdp": 1} and program["images_per_chip"] == 2
   assert program["kernels"] == "xla"  # the portable forms, not the XLA:CPU wing's
   for kind in ("train", "eval"):

@@ -57,3 +57,46 @@ def test_merge_rejects_unknown_form():
   xs, kernel = _branches(jnp.float32)
   with pytest.raises(ValueError, match="unknown merge form"):
     dwconv.spike_merge_conv_int8(xs, kernel, (1, 1), "taps")
+
+
+def _mbpl_vjp(kernels, x):
+  """(output, gradients, vjp residual maps) of an MBPL SPK under table `kernels`."""
+  from spikeatconv_jax.layers import ops
+  from spikeatconv_jax.snn.spk import SPK
+
+  spk = SPK(kind="mbpl", dtype=x.dtype)
+  with ops.use(kernels):
+    params = spk.init(jax.random.PRNGKey(0), x)["params"]
+  # A visible γ, so the merge's gradients are not scaled down to nothing by its 1e-6 init.
+  params = dict(params, merge_gamma=jnp.full_like(params["merge_gamma"], 0.5))
+  r = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+
+  def loss(x, p):
+    with ops.use(kernels):
+      y, _ = spk.apply({"params": p}, x, mutable=["spikes"])
+    return jnp.sum(y.astype(jnp.float32) * r)
+
+  value, vjp = jax.vjp(loss, x, params)
+  maps = [a for a in jax.tree_util.tree_leaves(vjp) if hasattr(a, "size") and a.size >= x.size]
+  return value, vjp(jnp.ones_like(value)), maps
+
+
+def test_portable_mbpl_recomputes_its_spikes_for_the_merge_backward():
+  """The portable table's `recompute_spikes`: the same values and gradients as keeping the
+  spikes, and no stacked int8 spikes among what the forward keeps for the backward."""
+  import dataclasses
+
+  from spikeatconv_jax.layers import ops
+
+  keep = dataclasses.replace(ops.get("xla"), name="keep", recompute_spikes=lambda fn: fn)
+  ops.register("xla_keep_spikes", lambda: keep)
+  x = 1.5 * jax.random.normal(jax.random.PRNGKey(4), (1, 2, 9, 9, 8), jnp.float32) + 0.5
+  v_keep, g_keep, kept = _mbpl_vjp("xla_keep_spikes", x)
+  v_re, g_re, recomputed = _mbpl_vjp("xla", x)
+  np.testing.assert_allclose(float(v_re), float(v_keep), rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g_keep), jax.tree_util.tree_leaves(g_re), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+  assert any(np.max(np.abs(np.asarray(g))) > 0 for g in jax.tree_util.tree_leaves(g_re))
+  assert [m.dtype for m in kept if m.dtype == jnp.int8] == [jnp.int8]
+  assert all(m.dtype != jnp.int8 for m in recomputed)
+  assert sum(m.nbytes for m in recomputed) < sum(m.nbytes for m in kept)

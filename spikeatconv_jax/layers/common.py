@@ -83,6 +83,13 @@ def materialize_cotangent(x: jax.Array) -> jax.Array:
   return ops.current().materialize_cotangent(x)
 
 
+def recompute_spikes(fn):
+  """`fn(module, x, ...)`, which makes spikes from x and consumes them, with the same values
+  and gradients; the table decides whether the backward keeps the spikes or recomputes them
+  from x (`ops` hook)."""
+  return ops.current().recompute_spikes(fn)
+
+
 _INV_SQRT2 = 0.7071067811865476
 
 

@@ -45,6 +45,12 @@ Hooks (see `Ops`):
       -> module: a BatchNorm over every axis but the last with nn.BatchNorm's parameters
       ("scale", "bias") and running statistics ("batch_stats": "mean", "var"). Portable:
       `layers.norms.BatchNorm`; a table that does not set it uses nn.BatchNorm.
+  recompute_spikes(fn) -> fn'
+      fn(module, x, ...) computes spike trains from its input x and what consumes them (MBPL's
+      LIFs and merge conv); fn' has the same values and gradients. Portable: a flax checkpoint
+      that keeps only fn's inputs, so the backward recomputes the spikes from x (which the
+      LIF keeps anyway) instead of keeping the stacked spikes between the passes. A table
+      that does not set it returns fn itself.
 """
 
 from __future__ import annotations
@@ -81,6 +87,11 @@ class Ops:
   repeat_time: Callable
   add_broadcast: Callable
   batch_norm: Callable[..., nn.Module] = nn.BatchNorm
+  recompute_spikes: Callable[[Callable], Callable] = lambda fn: fn
+
+
+def _recompute_spikes(fn: Callable) -> Callable:
+  return nn.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
 
 
 def _identity(x: jax.Array) -> jax.Array:
@@ -134,6 +145,7 @@ def _portable() -> Ops:
     repeat_time=_repeat_time,
     add_broadcast=_add_broadcast,
     batch_norm=norms.BatchNorm,
+    recompute_spikes=_recompute_spikes,
   )
 
 

@@ -136,12 +136,15 @@ class SPK(nn.Module):
       alpha=self.alpha,
     )
 
-  def _sow_rates(self, spikes: Sequence[jax.Array]):
-    # [K, T]: mean over everything but time, in float32.
-    rates = jnp.stack(
+  @staticmethod
+  def _rates(spikes: Sequence[jax.Array]) -> jax.Array:
+    """[K, T]: each branch's mean over everything but time, in float32."""
+    return jnp.stack(
       [jnp.mean(s.astype(jnp.float32), axis=tuple(range(1, s.ndim))) for s in spikes]
     )
-    self.sow("spikes", "rate", rates)
+
+  def _sow_rates(self, spikes: Sequence[jax.Array]):
+    self.sow("spikes", "rate", self._rates(spikes))
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
@@ -190,29 +193,40 @@ class SPK(nn.Module):
     # input gradients in its single elementwise pass. (One LIF over a [..., C, K] broadcast
     # with per-branch thresholds ran ~50x slower on XLA:CPU.)
     n = int(self.neuron_timesteps)
-    # Spike trains; under neuron_timesteps n > 1, spike counts over the n steps (the merge conv
-    # takes integer-valued inputs) and the rates are counts / n.
-    trains = list(self._lifs(x, th, counts=True))
-    spikes = trains if n == 1 else [c / n for c in trains]
-    self._sow_rates(spikes)
-    count = sum(spikes[1:], spikes[0])
-    if self.mbpl_merge == "sum":
-      return name_spikes(count)
-    if x.ndim != 5:
+    merge = self.mbpl_merge != "sum"
+    if merge and x.ndim != 5:
       raise ValueError(f"MBPL merge {self.mbpl_merge!r} needs [T, B, H, W, C], got {x.shape}")
+
+    def spikes_and_merge(mdl, x):
+      # Spike trains; under neuron_timesteps n > 1, spike counts over the n steps (the merge
+      # conv takes integer-valued inputs) and the rates are counts / n.
+      trains = list(mdl._lifs(x, th, counts=True))
+      spikes = trains if n == 1 else [c / n for c in trains]
+      count = sum(spikes[1:], spikes[0])
+      rates = mdl._rates(spikes)
+      if not merge:
+        return rates, count, None
+      t, b, h, w, c = x.shape
+      # Z = Σ_k DW7_k(S_k): the grouped conv K*C -> C with groups=C of DESIGN.md §3, fed the K
+      # spike trains as a sequence (`layers.ops` spike_merge_conv).
+      z = DepthwiseConv(
+        7,
+        use_bias=False,
+        sum_branches=len(trains),
+        dtype=mdl.dtype,
+        param_dtype=mdl.param_dtype,
+        name="merge_dw",
+      )([s_k.reshape(t * b, h, w, c) for s_k in trains])
+      return rates, count, z / n if n > 1 else z  # the merge of the rates: the conv is linear
+
+    if merge:
+      # The merge conv's backward needs the spikes: the table may recompute them from x.
+      spikes_and_merge = common.recompute_spikes(spikes_and_merge)
+    rates, count, z = spikes_and_merge(self, x)
+    self.sow("spikes", "rate", rates)
+    if not merge:
+      return name_spikes(count)
     t, b, h, w, c = x.shape
-    # Z = Σ_k DW7_k(S_k): the grouped conv K*C -> C with groups=C of DESIGN.md §3, fed the K
-    # spike trains as a sequence (`layers.ops` spike_merge_conv).
-    z = DepthwiseConv(
-      7,
-      use_bias=False,
-      sum_branches=len(trains),
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name="merge_dw",
-    )([s_k.reshape(t * b, h, w, c) for s_k in trains])
-    if n > 1:
-      z = z / n  # the merge of the rates: the conv is linear
     shift = self.param("merge_bias", nn.initializers.zeros, (c,), self.param_dtype)
     gamma = self.param("merge_gamma", nn.initializers.constant(1e-6), (c,), self.param_dtype)
     if self.mbpl_merge == "convnext":
