@@ -382,10 +382,11 @@ def table(result: dict) -> str:
         lambda s: " ".join(f"{k}={v}" for k, v in s["census"]["custom_calls"].items()) or "0",
       ),
     ]
-    names = [p["name"] for p in programs]
-    width = max(12, *(min(len(n), 40) for n in names))
+    # A long name keeps its end, where config strings differ (…variant=base,spk=none).
+    names = [n if len(n) <= 40 else "…" + n[-39:] for n in (p["name"] for p in programs)]
+    width = max(12, *(len(n) for n in names))
     lines.append("")
-    lines.append(f"{kind} step".ljust(28) + "".join(n[:40].rjust(width + 2) for n in names))
+    lines.append(f"{kind} step".ljust(28) + "".join(n.rjust(width + 2) for n in names))
     for label, fn in rows:
       cells = []
       for p in programs:

@@ -100,3 +100,15 @@ def test_portable_mbpl_recomputes_its_spikes_for_the_merge_backward():
   assert [m.dtype for m in kept if m.dtype == jnp.int8] == [jnp.int8]
   assert all(m.dtype != jnp.int8 for m in recomputed)
   assert sum(m.nbytes for m in recomputed) < sum(m.nbytes for m in kept)
+
+
+def test_no_second_recomputation_inside_a_rematerialised_block():
+  """Under `model.remat` the block's own recomputation covers the spikes: the SPK adds none."""
+  from spikeatconv_jax.layers import remat as remat_lib
+
+  x = 1.5 * jax.random.normal(jax.random.PRNGKey(4), (1, 2, 9, 9, 8), jnp.float32) + 0.5
+  with remat_lib.rematerialised():
+    assert remat_lib.inside_rematerialised()
+    _, _, maps = _mbpl_vjp("xla", x)
+  assert not remat_lib.inside_rematerialised()
+  assert [m.dtype for m in maps if m.dtype == jnp.int8] == [jnp.int8]

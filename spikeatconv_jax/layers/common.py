@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from spikeatconv_jax.layers import ops
+from spikeatconv_jax.layers import remat as remat_lib
 
 Dtype = Any
 
@@ -86,7 +87,11 @@ def materialize_cotangent(x: jax.Array) -> jax.Array:
 def recompute_spikes(fn):
   """`fn(module, x, ...)`, which makes spikes from x and consumes them, with the same values
   and gradients; the table decides whether the backward keeps the spikes or recomputes them
-  from x (`ops` hook)."""
+  from x (`ops` hook). Inside a block that `model.remat` rematerialises, `fn` itself: the
+  block's recomputation already covers it (and the nested checkpoint made XLA:TPU's compile of
+  Base need more than 24 GB of host memory)."""
+  if remat_lib.inside_rematerialised():
+    return fn
   return ops.current().recompute_spikes(fn)
 
 

@@ -27,7 +27,9 @@ What a rematerialised block keeps besides its inputs is `model.remat_policy` (`P
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -51,6 +53,27 @@ def policy(name: str) -> Callable[..., bool] | None:
   if name == "full":
     return None
   return jax.checkpoint_policies.save_only_these_names(SPIKES)
+
+
+_REMATERIALISED = contextvars.ContextVar("rematerialised", default=False)
+
+
+@contextlib.contextmanager
+def rematerialised(active: bool = True) -> Iterator[None]:
+  """Marks the modules traced inside the block as rematerialised by `model.remat` (the models
+  wrap their rematerialised stem and blocks in it)."""
+  token = _REMATERIALISED.set(bool(active) or _REMATERIALISED.get())
+  try:
+    yield
+  finally:
+    _REMATERIALISED.reset(token)
+
+
+def inside_rematerialised() -> bool:
+  """Whether the caller is being traced inside a block that `model.remat` rematerialises: its
+  backward recomputes the block's forward anyway, so a layer's own recomputation would only
+  repeat it."""
+  return _REMATERIALISED.get()
 
 
 def name_spikes(x: jax.Array) -> jax.Array:

@@ -81,9 +81,10 @@ class _Stage(nn.Module):
     if self.cfg.get("remat", False):
       policy = remat_lib.policy(self.cfg.get("remat_policy", "full"))
       block_cls = remat_lib.remat(BasicBlock, static_argnums=(2,), policy=policy)
-    for b in range(BLOCKS_PER_STAGE):
-      stride = self.stride if b == 0 else 1
-      x = block_cls(self.width, stride, self.cfg, dtype=self.dtype, name=f"block{b}")(x, train)
+    with remat_lib.rematerialised(block_cls is not BasicBlock):
+      for b in range(BLOCKS_PER_STAGE):
+        stride = self.stride if b == 0 else 1
+        x = block_cls(self.width, stride, self.cfg, dtype=self.dtype, name=f"block{b}")(x, train)
     return x
 
 

@@ -208,15 +208,22 @@ class SpikeAtConv(nn.Module):
     # Under remat the stem is rematerialised too: its full-resolution activations (T-fold after
     # the first SPK) would otherwise be the largest residuals kept for the backward pass.
     stem_cls = Stem
-    if cfg.get("remat", False):
+    use_remat = bool(cfg.get("remat", False))
+    if use_remat:
       policy = remat_lib.policy(cfg.get("remat_policy", "full"))
       stem_cls = remat_lib.remat(Stem, static_argnums=(2,), policy=policy)
-    x = stem_cls(
-      tuple(v["stem"]), t, cfg.spk, stem_act=cfg.get("stem_act", "gelu"), dtype=dtype, name="stem"
-    )(images, train)  # [T, B, H/2, W/2, C0]
-    for s, (width, depth) in enumerate(zip(v["dims"], v["depths"], strict=True)):
-      stage = stage_class(cfg, depth)
-      x = stage(width, depth, cfg, tuple(rates[s]), dtype=dtype, name=f"stage{s}")(x, train)
+    with remat_lib.rematerialised(use_remat):  # the stem and every block, as wrapped here
+      x = stem_cls(
+        tuple(v["stem"]),
+        t,
+        cfg.spk,
+        stem_act=cfg.get("stem_act", "gelu"),
+        dtype=dtype,
+        name="stem",
+      )(images, train)  # [T, B, H/2, W/2, C0]
+      for s, (width, depth) in enumerate(zip(v["dims"], v["depths"], strict=True)):
+        stage = stage_class(cfg, depth)
+        x = stage(width, depth, cfg, tuple(rates[s]), dtype=dtype, name=f"stage{s}")(x, train)
     x = jnp.mean(x, axis=(2, 3))  # GAP: [T, B, C]
     x = common.layer_norm(dtype=dtype, name="head_ln")(x)
     logits = common.dense(cfg.num_classes, use_bias=True, dtype=dtype, name="head")(x)
