@@ -46,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 from spikeatconv_jax.snn.lif import lif_multistep  # noqa: E402
 
@@ -85,11 +86,10 @@ def _timed(fn) -> tuple[float, float]:
 def _lif_at_revision(rev: str):
   """`lif_multistep` from spikeatconv_jax/snn/lif.py at git revision `rev` (its own imports
   resolve to today's package)."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
     src = subprocess.run(
       ["git", "show", f"{rev}:spikeatconv_jax/snn/lif.py"],
-      cwd=root,
+      cwd=REPO,
       check=True,
       capture_output=True,
       text=True,

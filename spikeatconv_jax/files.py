@@ -79,7 +79,7 @@ class JsonlWriter:
       gfile.makedirs(posixpath.dirname(self.path))
       self._text = read_text(self.path) if gfile.exists(self.path) else ""
     self._text += line
-    write_text(self.path, self._text)
+    _write_text(self.path, self._text)
 
 
 def _jsonable(v):
@@ -91,10 +91,10 @@ def write_json(path: Any, obj: Any):
   """Writes `obj` as indented JSON (to a temporary name, then renamed), making its directory."""
   path = os.fspath(path)
   _gfile().makedirs(posixpath.dirname(path) or ".")
-  write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+  _write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
-def write_text(path: str, text: str):
+def _write_text(path: str, text: str):
   """Writes a whole file under a temporary name, then renames it: readers never see a part."""
   gfile, tmp = _gfile(), f"{path}.tmp"
   with gfile.GFile(tmp, "w") as f:

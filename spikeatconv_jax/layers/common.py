@@ -88,8 +88,8 @@ def recompute_spikes(fn):
   """`fn(module, x, ...)`, which makes spikes from x and consumes them, with the same values
   and gradients; the table decides whether the backward keeps the spikes or recomputes them
   from x (`ops` hook). Inside a block that `model.remat` rematerialises, `fn` itself: the
-  block's recomputation already covers it (and the nested checkpoint made XLA:TPU's compile of
-  Base need more than 24 GB of host memory)."""
+  block's recomputation already covers it, and a nested checkpoint would only repeat it in a
+  larger program."""
   if remat_lib.inside_rematerialised():
     return fn
   return ops.current().recompute_spikes(fn)

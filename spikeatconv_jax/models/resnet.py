@@ -78,10 +78,11 @@ class _Stage(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     block_cls = BasicBlock
-    if self.cfg.get("remat", False):
+    use_remat = bool(self.cfg.get("remat", False))
+    if use_remat:
       policy = remat_lib.policy(self.cfg.get("remat_policy", "full"))
       block_cls = remat_lib.remat(BasicBlock, static_argnums=(2,), policy=policy)
-    with remat_lib.rematerialised(block_cls is not BasicBlock):
+    with remat_lib.rematerialised(use_remat):
       for b in range(BLOCKS_PER_STAGE):
         stride = self.stride if b == 0 else 1
         x = block_cls(self.width, stride, self.cfg, dtype=self.dtype, name=f"block{b}")(x, train)
