@@ -126,9 +126,10 @@ def model_config(
   # parameter names are the same either way.
   m.scan_blocks = False
   m.stem_act = "gelu"  # gelu | spk
-  # The hook table the layers trace with (spikeatconv_jax.layers.ops): "xla" (portable: what TPUs
-  # and GPUs run), "xla_cpu" (the XLA:CPU wing), or "auto": "xla_cpu" when the target devices are
-  # CPUs, else "xla". Parameters are the same either way.
+  # The hook table the layers trace with (spikeatconv_jax.layers.ops): "xla" (portable: what GPUs
+  # run), "xla_cpu" (the XLA:CPU wing), "pallas_tpu" (portable + MBPL's merge as Pallas TPU
+  # kernels), or "auto": "xla_cpu" on CPUs, "pallas_tpu" on TPUs, else "xla". Parameters are the
+  # same either way.
   m.kernels = "auto"
   m.spk = spk_config(spk)
   m.attention = ml_collections.ConfigDict()

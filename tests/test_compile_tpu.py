@@ -88,6 +88,7 @@ def test_compiles_nano_for_one_v5e_chip(tmp_path):
     sys.executable, str(REPO / "scripts" / "compile_tpu.py"),
     "--config", "configs/default.py", "--topology", "v5e:1x1", "--global_batch", "2",
     "--top_fusions", "3", "--dump_hlo", str(hlo_dir), "--compare", "spike-free",
+    "--config.model.spk.mbpl_merge=dwconv",  # the paper's merge: the Pallas kernels
   ]  # fmt: skip
   r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -95,14 +96,15 @@ def test_compiles_nano_for_one_v5e_chip(tmp_path):
   assert result["topology"] == "v5e:1x1" and result["chips"] == 1
   assert result["chip"]["generation"] == "v5e" and "TPU v5" in result["device_kind"]
   program, twin = result["programs"]  # the twin compiled in a child process of its own
-  assert twin["name"] == "spike-free" and twin["kernels"] == "xla" and twin["params"] > 0
+  assert twin["name"] == "spike-free" and twin["kernels"] == "pallas_tpu" and twin["params"] > 0
   ratios = result["ratios"]["spike-free"]
   for key in ("flops_per_image", "bytes_per_image"):
     want = program["train"][key] / twin["train"][key]
     assert ratios[key] == pytest.approx(want, rel=2e-3) and want > 1
   assert "configs/default.py / spike-free (train)" in r.stdout
   assert program["mesh"] == {"data": 1, "fsdp": 1} and program["images_per_chip"] == 2
-  assert program["kernels"] == "xla"  # the portable forms, not the XLA:CPU wing's
+  # The TPU table (portable forms plus the Pallas merge), not the XLA:CPU wing's.
+  assert program["kernels"] == "pallas_tpu"
   for kind in ("train", "eval"):
     step = program[kind]
     hbm = step["hbm"]
@@ -120,6 +122,10 @@ def test_compiles_nano_for_one_v5e_chip(tmp_path):
     calls = re.findall(r'custom_call_target="([^"]+)"', text)
     assert sorted(set(calls)) == sorted(targets)
     assert not [t for t in calls if "spikeatconv" in t or "barrier" in t.lower()], calls
+    # MBPL's merge convs are Mosaic calls (forward; backward in the train step), none in the twin.
+    assert targets.get("tpu_custom_call", 0) > 0 and "spike_merge_fwd" in text
+    assert ("spike_merge_bwd" in text) == (kind == "train")
+  assert "tpu_custom_call" not in twin["train"]["census"]["custom_calls"]
   # Train: the parameters' gradient and Adam moments make the train step's outputs larger.
   assert program["train"]["hbm"]["outputs_bytes"] > program["eval"]["hbm"]["outputs_bytes"]
   assert program["train"]["flops_per_image"] > 2 * program["eval"]["flops_per_image"]

@@ -444,7 +444,7 @@ def test_portable_train_step_kernel_gradients_are_batch_grouped_convolutions(mon
   try:
     cfg = model_config(variant="nano", spk="mbpl", attention="sisa", num_classes=10)
     cfg.attention.partition = 4
-    m = models.build(cfg, platform="tpu")
+    m = models.build(cfg, platform="gpu")
     assert m.cfg.kernels == "xla"
     loss, variables = hlo_utils.train_mode_loss(m)
     jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"])

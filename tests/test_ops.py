@@ -35,10 +35,18 @@ def _train_step(cfg, platform=None):
 
 def test_portable_table_compiles_no_cpu_custom_call_on_a_cpu_host():
   assert WING_TARGET.findall(_train_step(_nano("xla")).compile().as_text()) == []
-  # "auto" for a TPU mesh traces the same portable program (lowered only: compiling it on a CPU
+  # "auto" for a GPU mesh traces the same portable program (lowered only: compiling it on a CPU
   # host is the check above).
-  lowered = _train_step(_nano(), platform="tpu").as_text()
+  lowered = _train_step(_nano(), platform="gpu").as_text()
   assert "custom_call" not in lowered and "stablehlo.convolution" in lowered
+
+
+def test_tpu_table_traces_the_pallas_merge():
+  # Traced only: a CPU host cannot lower Mosaic calls (tests/test_compile_tpu.py compiles them
+  # for a TPU slice).
+  loss, v = hlo_utils.train_mode_loss(models.build(_nano(), platform="tpu"))
+  jaxpr = str(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(v["params"], v["batch_stats"]))
+  assert "spike_merge_fwd" in jaxpr and "spike_merge_bwd" in jaxpr
 
 
 def test_cpu_table_uses_the_native_kernels_and_barriers():
@@ -53,11 +61,11 @@ def test_cpu_table_uses_the_native_kernels_and_barriers():
 @pytest.mark.parametrize(
   "kernels,platform,want",
   [
-    ("auto", "tpu", "xla"),
+    ("auto", "tpu", "pallas_tpu"),
     ("auto", "gpu", "xla"),
     ("auto", "cpu", "xla_cpu"),
     ("xla", "cpu", "xla"),  # a CPU host may run the portable forms
-    ("xla_cpu", "tpu", "xla_cpu"),  # an explicit choice is honoured
+    ("xla", "tpu", "xla"),  # an explicit choice is honoured
   ],
 )
 def test_build_resolves_kernels_from_the_platform(kernels, platform, want):
@@ -69,6 +77,12 @@ def test_build_resolves_kernels_from_the_platform(kernels, platform, want):
   assert r.cfg.kernels == want
 
 
+@pytest.mark.parametrize("kernels,platform", [("xla_cpu", "tpu"), ("pallas_tpu", "gpu")])
+def test_a_table_for_another_platform_is_a_one_line_error(kernels, platform):
+  with pytest.raises(ValueError, match=rf"^model.kernels='{kernels}' runs on \w+, not {platform}$"):
+    models.build(_nano(kernels), platform=platform)
+
+
 def test_auto_without_a_platform_follows_the_default_devices():
   want = "xla_cpu" if jax.devices()[0].platform == "cpu" else "xla"
   assert models.build(_nano()).cfg.kernels == want
@@ -76,7 +90,7 @@ def test_auto_without_a_platform_follows_the_default_devices():
 
 
 def test_unknown_kernels_is_a_one_line_error():
-  with pytest.raises(ValueError, match=r"unknown model.kernels 'cuda'; known: auto, xla, xla_cpu$"):
+  with pytest.raises(ValueError, match=r"unknown model.kernels 'cuda'; known: auto, xla, xla_cpu, pallas_tpu$"):
     models.build(_nano("cuda"))
   with pytest.raises(ValueError, match="unknown model.kernels 'native_cpu'"):
     ops.resolve("native_cpu", "cpu")

@@ -6,10 +6,13 @@ the model's parameter tree, and its values up to float rounding, do not depend o
 
 Tables, chosen by `config.model.kernels`:
 
-  "xla"      portable forms (defined here and in `layers.dwconv`): what TPUs and GPUs run.
-  "xla_cpu"  the XLA:CPU wing (`spikeatconv_jax.xla_cpu`): native kernels, CPU-shaped VJPs,
-             fusion barriers. Imported on first use, so importing `layers` builds nothing.
-  "auto"     resolved from the target platform by `resolve`: cpu -> "xla_cpu", else "xla".
+  "xla"         portable forms (defined here and in `layers.dwconv`): what GPUs run.
+  "xla_cpu"     the XLA:CPU wing (`spikeatconv_jax.xla_cpu`): native kernels, CPU-shaped VJPs,
+                fusion barriers. Imported on first use, so importing `layers` builds nothing.
+  "pallas_tpu"  the portable forms with MBPL's merge conv as Pallas TPU kernels
+                (`spikeatconv_jax.pallas_tpu`); compiles for TPU only. Imported on first use.
+  "auto"        resolved from the target platform by `resolve`: cpu -> "xla_cpu",
+                tpu -> "pallas_tpu", else "xla".
 
 `models.build` resolves "auto" from the platform of the mesh's devices and the model's top-level
 `__call__` runs under `with ops.use(cfg.kernels)`, so a CPU host can trace exactly what a TPU
@@ -67,7 +70,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-KERNELS = ("auto", "xla", "xla_cpu")
+KERNELS = ("auto", "xla", "xla_cpu", "pallas_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +156,17 @@ def _xla_cpu() -> Ops:
   return importlib.import_module("spikeatconv_jax.xla_cpu.table").TABLE
 
 
-_LOADERS: dict[str, Callable[[], Ops]] = {"xla": _portable, "xla_cpu": _xla_cpu}
+def _pallas_tpu() -> Ops:
+  return importlib.import_module("spikeatconv_jax.pallas_tpu.table").TABLE
+
+
+_LOADERS: dict[str, Callable[[], Ops]] = {
+  "xla": _portable,
+  "xla_cpu": _xla_cpu,
+  "pallas_tpu": _pallas_tpu,
+}
+# The platforms a table's kernels compile for (absent: any).
+PLATFORMS = {"xla_cpu": ("cpu",), "pallas_tpu": ("tpu",)}
 
 
 def register(name: str, loader: Callable[[], Ops]) -> None:
@@ -173,21 +186,28 @@ def get(name: str) -> Ops:
 
 
 def platform_kernels(platform: str) -> str:
-  """The table "auto" means for a device platform: "xla_cpu" on cpu, else "xla"."""
-  return "xla_cpu" if platform == "cpu" else "xla"
+  """The table "auto" means for a device platform: "xla_cpu" on cpu, "pallas_tpu" on tpu,
+  else "xla"."""
+  return {"cpu": "xla_cpu", "tpu": "pallas_tpu"}.get(platform, "xla")
 
 
 def resolve(kernels: str, platform: str | None = None) -> str:
   """`model.kernels` with "auto" replaced by the platform's table.
 
   Args:
-    kernels: "auto", "xla", "xla_cpu" (or a registered table name).
+    kernels: "auto", "xla", "xla_cpu", "pallas_tpu" (or a registered table name).
     platform: the target devices' platform ("cpu", "gpu", "tpu", ...); None means
-      `jax.devices()[0].platform`. Only read for "auto".
+      `jax.devices()[0].platform` for "auto" and no check for a named table.
+
+  Raises:
+    ValueError: an unknown name, or a table whose kernels do not compile for `platform`.
   """
   if kernels != "auto" and kernels not in _LOADERS:
     raise ValueError(f"unknown model.kernels {kernels!r}; known: {', '.join(('auto', *_LOADERS))}")
   if kernels != "auto":
+    allowed = PLATFORMS.get(kernels)
+    if platform is not None and allowed is not None and platform not in allowed:
+      raise ValueError(f"model.kernels={kernels!r} runs on {'/'.join(allowed)}, not {platform}")
     return kernels
   return platform_kernels(platform if platform is not None else jax.devices()[0].platform)
 

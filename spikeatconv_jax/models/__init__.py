@@ -4,8 +4,9 @@
 spike-free version) or "resnet18_cifar" (the CIFAR-100 ablation net, DESIGN.md §8).
 
 `model.kernels` picks the hook table the layers trace with (`layers.ops`): "xla" (portable: what
-TPUs and GPUs run), "xla_cpu" (the XLA:CPU wing), or "auto" (default): "xla_cpu" when the target
-platform is cpu, else "xla". `build` resolves "auto" from its `platform` argument (callers with a
+GPUs run), "xla_cpu" (the XLA:CPU wing), "pallas_tpu" (portable, with MBPL's merge as Pallas TPU
+kernels), or "auto" (default): "xla_cpu" when the target platform is cpu, "pallas_tpu" on tpu,
+else "xla". `build` resolves "auto" from its `platform` argument (callers with a
 mesh pass `mesh.devices.flat[0].platform`), so a CPU host can trace what a TPU runs.
 
 Both are called as `module.apply(variables, images [B, H, W, C], train=bool,

@@ -2,7 +2,9 @@
 
 `train_step(state, batch, lr, *, model, tx, config)` does one optimizer update on one global
 batch; `make_train_step` binds the static arguments with `functools.partial` and jits
-it once with explicit in/out shardings and the state donated.
+it once with explicit in/out shardings and the state donated. The jitted steps are traced and
+called under `jax.set_mesh(mesh)`, so a layer that runs its own kernel per device (the Pallas
+TPU merge, through `shard_map`) finds the mesh.
 
 Gradient accumulation (`config.grad_accum_steps = A > 1`) is a `lax.scan` over A micro-batches
 inside the step, not `optax.MultiSteps`: every step still consumes one global batch and makes
@@ -206,23 +208,41 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model, num_clas
   }
 
 
-def make_train_step(model, tx, config, mesh, state_shardings):
+class MeshJitted:
+  """A jitted function whose calls and `lower` run under `jax.set_mesh(mesh)` (which jit does
+  not allow inside the traced function)."""
+
+  def __init__(self, jitted, mesh: Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
+
+
+def make_train_step(model, tx, config, mesh, state_shardings) -> MeshJitted:
   """`train_step(state, batch, lr)` jitted once: explicit shardings, the state donated."""
   batch_sh = sharding_lib.batch_sharding(mesh)
   step = functools.partial(train_step, model=model, tx=tx, config=config, mesh=mesh)
-  return jax.jit(
+  jitted = jax.jit(
     step,
     in_shardings=(state_shardings, batch_sh, sharding_lib.replicated(mesh)),
     out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
     donate_argnums=(0,),
   )
+  return MeshJitted(jitted, mesh)
 
 
-def make_eval_step(model, num_classes, mesh, state_shardings):
+def make_eval_step(model, num_classes, mesh, state_shardings) -> MeshJitted:
   """`eval_step` jitted once; the state is not donated (training continues with it)."""
   step = functools.partial(eval_step, model=model, num_classes=num_classes)
-  return jax.jit(
+  jitted = jax.jit(
     step,
     in_shardings=(state_shardings, sharding_lib.batch_sharding(mesh)),
     out_shardings=NamedSharding(mesh, PartitionSpec()),
   )
+  return MeshJitted(jitted, mesh)

@@ -1,0 +1,89 @@
+"""The Pallas TPU merge conv (`pallas_tpu.merge`), run by Pallas' interpreter on the host: the
+same values and gradients as the portable table's merge, per device under a mesh, and the
+table's name resolution. (`tests/test_compile_tpu.py` lowers the kernels through Mosaic.)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs.common import model_config
+from spikeatconv_jax import models
+from spikeatconv_jax.layers import dwconv, ops
+from spikeatconv_jax.pallas_tpu import merge
+
+
+def _inputs(n, h, w, c, k, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), k + 2)
+  # Spike counts in {0, 1, 2}: integer-valued, as the hook's contract allows.
+  xs = [jax.random.randint(keys[i], (n, h, w, c), 0, 3).astype(jnp.float32) for i in range(k)]
+  kernel = jax.random.normal(keys[k], (7, 7, k, c))
+  g = jax.random.normal(keys[k + 1], (n, h, w, c))
+  return xs, kernel, g
+
+
+def _value_and_grads(fn, xs, kernel, g):
+  return jax.value_and_grad(lambda xs, k: jnp.vdot(fn(xs, k), g), (0, 1))(xs, kernel)
+
+
+def _pallas(xs, k):
+  return merge.spike_merge_conv(xs, k, interpret=True)
+
+
+@pytest.mark.parametrize(
+  "shape",
+  [(2, 8, 8, 16, 4), (1, 7, 7, 256, 2), (2, 6, 5, 8, 3)],
+  ids=["k4", "two_channel_blocks", "odd_map"],
+)
+def test_values_and_gradients_match_the_portable_merge(shape):
+  xs, kernel, g = _inputs(*shape)
+  assert merge.supported(xs[0].shape, kernel.shape, (1, 1), jnp.float32) is None
+  y = _pallas(xs, kernel)
+  np.testing.assert_allclose(y, dwconv.spike_merge_conv_int8(xs, kernel), rtol=1e-5, atol=1e-4)
+  got = _value_and_grads(_pallas, xs, kernel, g)
+  want = _value_and_grads(dwconv.spike_merge_conv_int8, xs, kernel, g)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3)
+
+
+def test_runs_on_each_devices_images_under_a_mesh():
+  mesh = jax.make_mesh((4,), ("data",), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+  xs, kernel, g = _inputs(8, 6, 6, 8, 3, seed=1)
+  xs = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in xs]
+  fn = jax.jit(lambda xs, k: _value_and_grads(_pallas, xs, k, g))
+  with jax.set_mesh(mesh):
+    got = fn(xs, kernel)
+    jaxpr = str(jax.make_jaxpr(fn)(xs, kernel))
+  assert "shard_map" in jaxpr  # the kernels see one device's images
+  want = _value_and_grads(dwconv.spike_merge_conv_int8, xs, kernel, g)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-3)
+
+
+def test_unsupported_shapes_say_why_and_take_the_portable_form():
+  assert "stride" in merge.supported((2, 8, 8, 16), (7, 7, 4, 16), (2, 2), jnp.bfloat16)
+  assert "VMEM" in merge.supported((8, 112, 112, 64), (7, 7, 4, 64), (1, 1), jnp.bfloat16)
+  assert merge.supported((8, 56, 56, 64), (7, 7, 4, 64), (1, 1), jnp.bfloat16) is None
+  xs, kernel, _ = _inputs(2, 8, 8, 16, 2)
+  jaxpr = str(jax.make_jaxpr(lambda xs, k: merge.spike_merge_conv(xs, k, (2, 2)))(xs, kernel))
+  assert "pallas_call" not in jaxpr and "conv_general_dilated" in jaxpr
+  np.testing.assert_allclose(
+    merge.spike_merge_conv(xs, kernel, (2, 2)),
+    dwconv.spike_merge_conv_int8(xs, kernel, (2, 2)),
+  )
+
+
+def test_tpu_targets_resolve_to_the_pallas_table():
+  assert ops.resolve("auto", "tpu") == "pallas_tpu"
+  assert ops.resolve("auto", "gpu") == "xla" and ops.resolve("auto", "cpu") == "xla_cpu"
+  table = ops.get("pallas_tpu")
+  assert table.spike_merge_conv is merge.spike_merge_conv
+  assert table.layer_norm is ops.get("xla").layer_norm  # the rest is the portable table
+  with pytest.raises(ValueError, match="runs on tpu, not cpu"):
+    ops.resolve("pallas_tpu", "cpu")
+  cfg = model_config(variant="nano")
+  cfg.kernels = "pallas_tpu"
+  with pytest.raises(ValueError, match="runs on tpu"):
+    models.build(cfg, platform="cpu")
