@@ -39,7 +39,24 @@ def _pallas(xs, k):
 )
 def test_values_and_gradients_match_the_portable_merge(shape):
   xs, kernel, g = _inputs(*shape)
-  assert merge.supported(xs[0].shape, kernel.shape, (1, 1), jnp.float32) is None
+  assert merge.plan(xs[0].shape, kernel.shape, (1, 1), jnp.float32) == merge.Plan(shape[1], False)
+  _check_against_portable(xs, kernel, g)
+
+
+def test_large_maps_go_in_row_bands(monkeypatch):
+  """A map over the VMEM budget is split into bands of rows, read as overlapping windows of the
+  zero-padded input: same values and gradients (a small budget makes a small map banded)."""
+  xs, kernel, g = _inputs(2, 12, 9, 8, 2, seed=2)
+  whole = merge.vmem_estimate(12, 9, 8, 7, 4, banded=False)
+  monkeypatch.setattr(merge, "VMEM_BUDGET", whole - 1)
+  got = merge.plan(xs[0].shape, kernel.shape, (1, 1), jnp.float32)
+  assert got.banded and got.band < 12 and 12 % got.band == 0, got
+  monkeypatch.setattr(merge, "VMEM_BUDGET", merge.vmem_estimate(3, 9, 8, 7, 4, banded=True))
+  assert merge.plan(xs[0].shape, kernel.shape, (1, 1), jnp.float32) == merge.Plan(3, True)
+  _check_against_portable(xs, kernel, g)
+
+
+def _check_against_portable(xs, kernel, g):
   y = _pallas(xs, kernel)
   np.testing.assert_allclose(y, dwconv.spike_merge_conv_int8(xs, kernel), rtol=1e-5, atol=1e-4)
   got = _value_and_grads(_pallas, xs, kernel, g)
@@ -63,9 +80,12 @@ def test_runs_on_each_devices_images_under_a_mesh():
 
 
 def test_unsupported_shapes_say_why_and_take_the_portable_form():
-  assert "stride" in merge.supported((2, 8, 8, 16), (7, 7, 4, 16), (2, 2), jnp.bfloat16)
-  assert "VMEM" in merge.supported((8, 112, 112, 64), (7, 7, 4, 64), (1, 1), jnp.bfloat16)
-  assert merge.supported((8, 56, 56, 64), (7, 7, 4, 64), (1, 1), jnp.bfloat16) is None
+  assert "stride" in merge.plan((2, 8, 8, 16), (7, 7, 4, 16), (2, 2), jnp.bfloat16)
+  assert "kernel 7x5" in merge.plan((2, 8, 8, 16), (7, 5, 4, 16), (1, 1), jnp.bfloat16)
+  assert "VMEM" in merge.plan((8, 64, 8192, 64), (7, 7, 4, 64), (1, 1), jnp.bfloat16)
+  # tiny at 224 pixels: stage 0 whole, the stem's 112x112 map in bands.
+  assert merge.plan((8, 56, 56, 64), (7, 7, 4, 64), (1, 1), jnp.bfloat16) == merge.Plan(56, False)
+  assert merge.plan((8, 112, 112, 64), (7, 7, 4, 64), (1, 1), jnp.bfloat16).banded
   xs, kernel, _ = _inputs(2, 8, 8, 16, 2)
   jaxpr = str(jax.make_jaxpr(lambda xs, k: merge.spike_merge_conv(xs, k, (2, 2)))(xs, kernel))
   assert "pallas_call" not in jaxpr and "conv_general_dilated" in jaxpr

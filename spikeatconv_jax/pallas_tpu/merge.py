@@ -2,25 +2,34 @@
 
 The portable form (`layers.dwconv.spike_merge_conv_int8`) is 4K XLA convolutions per site
 (forward, input and kernel gradients of K depthwise convs) with float32 partial sums between
-them. Here one kernel does the forward and one does both gradients. Each grid step holds one
-image's [H, W, Cb] channel block in VMEM, so a pass reads every input once from HBM:
+them. Here one kernel does the forward and one does both gradients:
 
   forward   reads K int8 spike maps and the kernel, writes the merged map
   backward  reads the K int8 maps, the output cotangent and the kernel, writes the K input
-            cotangents and one kernel-gradient partial per image (summed over images by XLA)
+            cotangents and kernel-gradient partials (summed over images and bands by XLA)
 
-Inside a step, a zero-padded float32 copy of the map sits in a VMEM scratch and every tap is a
-shifted window of it; rows go in chunks of at most 8, accumulated in float32.
+The grid is (image, channel block, row band, branch), the branch innermost: the merged map (or
+the cotangent) stays in VMEM while the K branches pass. A step holds a float32 copy of its
+input rows with a zero border of ksize // 2 in a VMEM scratch, and every tap is a shifted
+window of it; rows go in chunks of at most 8, accumulated in float32. When a whole map fits the
+VMEM budget, a band is the whole map and the border is written in VMEM; larger maps (the stem's
+112x112 at 224 pixels) go in bands of rows read as overlapping windows (`pl.Element`) of inputs
+zero-padded by XLA.
 
-Only the shapes `supported` accepts use the kernels (stride 1, an odd square kernel, channels a
-multiple of 128 or a whole block, the VMEM estimate under `VMEM_BUDGET`); `spike_merge_conv`
-takes the portable form for the others. `interpret=True` runs the same kernels in Pallas'
-interpreter (any backend): the tests check values and gradients that way.
+XLA:TPU takes a Pallas call's flops and bytes from its `pl.CostEstimate`; the estimates here
+count every block the pipeline moves (each input block once per grid step that changes it).
+
+Only the shapes `plan` accepts use the kernels (stride 1, an odd square kernel, channels a
+multiple of 128 or one block, a band that fits `VMEM_BUDGET`); `spike_merge_conv` takes the
+portable form for the others. `interpret=True` runs the same kernels in Pallas' interpreter (any
+backend): the tests check values and gradients that way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -52,33 +61,46 @@ def _tile_bytes(rows: int, cols: int, lanes: int, itemsize: int) -> int:
   return rows * -(-cols // sub) * sub * -(-lanes // _LANES) * _LANES * itemsize
 
 
-def vmem_estimate(h: int, w: int, c: int, ksize: int, out_itemsize: int) -> int:
-  """Bytes of VMEM the backward kernel (the larger) plans for: double-buffered blocks plus
-  scratch."""
+def vmem_estimate(band: int, w: int, c: int, ksize: int, itemsize: int, banded: bool) -> int:
+  """Bytes of VMEM the backward kernel (the larger) plans for at `band` output rows per step:
+  double-buffered blocks plus scratch."""
   cb, p = _channel_block(c), ksize // 2
+  rows_in, cols_in = (band + 2 * p, w + 2 * p) if banded else (band, w)
   blocks = (
-    _tile_bytes(h, w, cb, 1)  # one branch's int8 map
-    + _tile_bytes(h, w, cb, out_itemsize)  # the output cotangent
-    + _tile_bytes(h, w, cb, out_itemsize)  # the branch's input cotangent
+    _tile_bytes(rows_in, cols_in, cb, 1)  # one branch's int8 map
+    + _tile_bytes(rows_in, cols_in, cb, itemsize)  # the output cotangent
+    + _tile_bytes(band, w, cb, itemsize)  # the branch's input cotangent
     + 2 * _tile_bytes(1, ksize * ksize, cb, 4)  # the branch's kernel and its gradient
   )
-  scratch = 2 * _tile_bytes(h + 2 * p, w + 2 * p, cb, 4) + _tile_bytes(ksize * ksize, w, cb, 4)
-  return 2 * blocks + scratch
+  pad = _tile_bytes(band + 2 * p, w + 2 * p, cb, 4)
+  return 2 * blocks + 2 * pad + _tile_bytes(ksize * ksize, w, cb, 4)
 
 
-def supported(shape: Sequence[int], kernel_shape: Sequence[int], strides, dtype) -> str | None:
-  """None when the kernels take a merge of K maps of `shape` [N, H, W, C] with a kernel
-  [kh, kw, K, C] and `strides`; otherwise why not."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How the kernels split a map: `band` output rows per grid step; `banded`: the inputs are
+  zero-padded by XLA and read as overlapping windows of band + ksize - 1 rows."""
+
+  band: int
+  banded: bool
+
+
+def plan(shape: Sequence[int], kernel_shape: Sequence[int], strides, dtype) -> Plan | str:
+  """The `Plan` for a merge of K maps of `shape` [N, H, W, C] with a kernel [kh, kw, K, C] and
+  `strides`, or why the kernels do not take it."""
   _, h, w, c = shape
   kh, kw, _, _ = kernel_shape
   if tuple(strides) != (1, 1):
     return f"stride {tuple(strides)}"
   if kh != kw or kh % 2 == 0:
     return f"kernel {kh}x{kw}"
-  need = vmem_estimate(h, w, c, kh, jnp.dtype(dtype).itemsize)
-  if need > VMEM_BUDGET:
-    return f"{h}x{w}x{c} needs ~{need / 2**20:.1f} MiB of VMEM"
-  return None
+  item = jnp.dtype(dtype).itemsize
+  if vmem_estimate(h, w, c, kh, item, banded=False) <= VMEM_BUDGET:
+    return Plan(h, False)
+  for band in sorted((b for b in range(1, h) if h % b == 0), reverse=True):
+    if vmem_estimate(band, w, c, kh, item, banded=True) <= VMEM_BUDGET:
+      return Plan(band, True)
+  return f"a {w}-column row of {c} channels needs more than {VMEM_BUDGET / 2**20:.0f} MiB of VMEM"
 
 
 def _tap_kernel(kernel: jax.Array) -> jax.Array:
@@ -87,62 +109,70 @@ def _tap_kernel(kernel: jax.Array) -> jax.Array:
   return kernel.transpose(2, 0, 1, 3).reshape(k, kh * kw, c)
 
 
-def _forward_kernel(x_ref, w_ref, o_ref, pad_ref, acc_ref, *, ksize, h, w, rows):
-  # Grid (image, channel block, branch); the branch axis is innermost and sequential, and
-  # the output block stays in VMEM across it.
-  kk = pl.program_id(2)
+def _fill(pad_ref, x_ref, *, p, h, w, banded):
+  """The step's input rows into the float32 scratch, bordered by p zeros."""
+  if banded:  # the window already holds the border (XLA's zero padding)
+    pad_ref[...] = x_ref[...].astype(jnp.float32)
+  else:  # the border was zeroed at the first branch and is never written
+    pad_ref[p : p + h, p : p + w, :] = x_ref[(0,) * (x_ref.ndim - 3)].astype(jnp.float32)
+
+
+def _forward_kernel(x_ref, w_ref, o_ref, pad_ref, acc_ref, *, ksize, h, w, rows, banded):
+  kk = pl.program_id(3)
   p = ksize // 2
 
   @pl.when(kk == 0)
   def _():
-    pad_ref[...] = jnp.zeros(pad_ref.shape, jnp.float32)  # the border stays zero
+    if not banded:
+      pad_ref[...] = jnp.zeros(pad_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  pad_ref[p : p + h, p : p + w, :] = x_ref[0, 0].astype(jnp.float32)
+  _fill(pad_ref, x_ref, p=p, h=h, w=w, banded=banded)
 
   def step(i, carry):
     h0 = pl.multiple_of(i * rows, rows)
     acc = acc_ref[pl.ds(h0, rows), :, :]
     for a in range(ksize):
       for b in range(ksize):
-        t = a * ksize + b
-        tap = w_ref[0, t : t + 1, :].astype(jnp.float32)
+        tap = w_ref[0, a * ksize + b : a * ksize + b + 1, :].astype(jnp.float32)
         acc = acc + pad_ref[pl.ds(h0 + a, rows), b : b + w, :] * tap
     acc_ref[pl.ds(h0, rows), :, :] = acc
     return carry
 
   jax.lax.fori_loop(0, h // rows, step, 0)
 
-  @pl.when(kk == pl.num_programs(2) - 1)
+  @pl.when(kk == pl.num_programs(3) - 1)
   def _():
     o_ref[0] = acc_ref[...].astype(o_ref.dtype)
 
 
 def _backward_kernel(
-  x_ref, g_ref, w_ref, dx_ref, dw_ref, gpad_ref, xpad_ref, dwacc_ref, *, ksize, h, w, rows
+  x_ref, g_ref, w_ref, dx_ref, dw_ref, gpad_ref, xpad_ref, dwacc_ref, *, ksize, h, w, rows, banded
 ):
-  kk = pl.program_id(2)
+  kk = pl.program_id(3)
   p, taps = ksize // 2, ksize * ksize
 
   @pl.when(kk == 0)
   def _():
-    gpad_ref[...] = jnp.zeros(gpad_ref.shape, jnp.float32)
-    gpad_ref[p : p + h, p : p + w, :] = g_ref[0].astype(jnp.float32)
-    xpad_ref[...] = jnp.zeros(xpad_ref.shape, jnp.float32)
+    if not banded:
+      gpad_ref[...] = jnp.zeros(gpad_ref.shape, jnp.float32)
+      xpad_ref[...] = jnp.zeros(xpad_ref.shape, jnp.float32)
+    _fill(gpad_ref, g_ref, p=p, h=h, w=w, banded=banded)
 
-  xpad_ref[p : p + h, p : p + w, :] = x_ref[0, 0].astype(jnp.float32)
+  _fill(xpad_ref, x_ref, p=p, h=h, w=w, banded=banded)
   dwacc_ref[...] = jnp.zeros(dwacc_ref.shape, jnp.float32)
 
   def step(i, carry):
     h0 = pl.multiple_of(i * rows, rows)
-    g = g_ref[0, pl.ds(h0, rows), :, :].astype(jnp.float32)
+    g = gpad_ref[pl.ds(h0 + p, rows), p : p + w, :]
     dx = jnp.zeros(g.shape, jnp.float32)
     for a in range(ksize):
       for b in range(ksize):
         t = a * ksize + b
         tap = w_ref[0, t : t + 1, :].astype(jnp.float32)
         # y[i, j] = Σ_ab w[a, b] x[i + a - p, j + b - p], so dx[i, j] = Σ_ab w[a, b] g[i - a + p,
-        # j - b + p] and dw[a, b] = Σ_ij g[i, j] x[i + a - p, j + b - p].
+        # j - b + p] and dw[a, b] = Σ_ij g[i, j] x[i + a - p, j + b - p] (scratch row r holds
+        # input row r - p of the band).
         dx = dx + gpad_ref[pl.ds(h0 + 2 * p - a, rows), 2 * p - b : 2 * p - b + w, :] * tap
         win = xpad_ref[pl.ds(h0 + a, rows), b : b + w, :]
         dwacc_ref[t] = dwacc_ref[t] + jnp.sum(g * win, axis=0)  # rows now, columns at the end
@@ -151,11 +181,93 @@ def _backward_kernel(
 
   jax.lax.fori_loop(0, h // rows, step, 0)
   for t in range(taps):
-    dw_ref[0, 0, t : t + 1, :] = jnp.sum(dwacc_ref[t], axis=0, keepdims=True)
+    dw_ref[0, 0, 0, t : t + 1, :] = jnp.sum(dwacc_ref[t], axis=0, keepdims=True)
 
 
-def _call_params():
-  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Shapes and block specs shared by the two calls."""
+
+  k: int
+  n: int
+  h: int
+  w: int
+  c: int
+  ksize: int
+  plan: Plan
+
+  @property
+  def cb(self):
+    return _channel_block(self.c)
+
+  @property
+  def p(self):
+    return self.ksize // 2
+
+  @property
+  def taps(self):
+    return self.ksize * self.ksize
+
+  @property
+  def grid(self):
+    return (self.n, self.c // self.cb, self.h // self.plan.band, self.k)
+
+  def steps(self, *, per_branch: bool = True) -> int:
+    g = self.grid
+    return math.prod(g) if per_branch else math.prod(g[:3])
+
+  def map_spec(self, branch_axis: bool) -> pl.BlockSpec:
+    """An input map, [K, N, H, W, C] (branch_axis) or [N, H, W, C], as the step's rows."""
+    band, cb, p = self.plan.band, self.cb, self.p
+    if self.plan.banded:
+      win = (pl.Element(band + 2 * p), pl.Element(self.w + 2 * p), pl.Element(cb))
+      # Element offsets; Mosaic must see the channel offset as a multiple of the lane tiling.
+      lanes = (lambda j: j * _LANES) if cb == _LANES else (lambda j: 0)
+      if branch_axis:
+        return pl.BlockSpec((None, None) + win, lambda i, j, r, kk: (kk, i, r * band, 0, lanes(j)))
+      return pl.BlockSpec((None,) + win, lambda i, j, r, kk: (i, r * band, 0, lanes(j)))
+    if branch_axis:
+      return pl.BlockSpec((1, 1, band, self.w, cb), lambda i, j, r, kk: (kk, i, r, 0, j))
+    return pl.BlockSpec((1, band, self.w, cb), lambda i, j, r, kk: (i, r, 0, j))
+
+  def out_spec(self, branch_axis: bool) -> pl.BlockSpec:
+    band, cb = self.plan.band, self.cb
+    if branch_axis:
+      return pl.BlockSpec((1, 1, band, self.w, cb), lambda i, j, r, kk: (kk, i, r, 0, j))
+    return pl.BlockSpec((1, band, self.w, cb), lambda i, j, r, kk: (i, r, 0, j))
+
+  def tap_spec(self) -> pl.BlockSpec:
+    return pl.BlockSpec((1, self.taps, self.cb), lambda i, j, r, kk: (kk, 0, j))
+
+  def pad(self, x: jax.Array) -> jax.Array:
+    """x [..., H, W, C] zero-padded on H and W for banded plans, else x."""
+    if not self.plan.banded:
+      return x
+    p = self.p
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(p, p), (p, p), (0, 0)])
+
+  def in_block_bytes(self, itemsize: int) -> int:
+    band, p = self.plan.band, self.p
+    rows, cols = (band + 2 * p, self.w + 2 * p) if self.plan.banded else (band, self.w)
+    return rows * cols * self.cb * itemsize
+
+  def scratch(self, n: int):
+    pad = pltpu.VMEM((self.plan.band + 2 * self.p, self.w + 2 * self.p, self.cb), jnp.float32)
+    return [pad] * n
+
+  def params(self):
+    return pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+    )
+
+
+def _layout(x8: jax.Array, wt: jax.Array, dtype) -> _Layout:
+  k, n, h, w, c = x8.shape
+  ks = math.isqrt(wt.shape[1])
+  got = plan((n, h, w, c), (ks, ks, k, c), (1, 1), dtype)
+  if isinstance(got, str):
+    raise ValueError(f"spike merge kernels: {got}")
+  return _Layout(k, n, h, w, c, ks, got)
 
 
 def _forward_call(x8: jax.Array, wt: jax.Array, *, interpret: bool = False):
@@ -163,78 +275,68 @@ def _forward_call(x8: jax.Array, wt: jax.Array, *, interpret: bool = False):
 
   x8: the K int8 maps stacked, [K, N, H, W, C]; wt: the kernel as `_tap_kernel` lays it out,
   [K, ks*ks, C]."""
-  k, n, h, w, c = x8.shape
-  taps = wt.shape[1]
-  ks = int(round(taps**0.5))
-  cb, p = _channel_block(c), ks // 2
-  elems = n * h * w * c
+  lay = _layout(x8, wt, wt.dtype)
+  n, h, w, c, item = lay.n, lay.h, lay.w, lay.c, wt.dtype.itemsize
   cost = pl.CostEstimate(
-    flops=2 * k * taps * elems,
+    flops=2 * lay.k * lay.taps * n * h * w * c,
     transcendentals=0,
-    bytes_accessed=k * elems + elems * wt.dtype.itemsize + n * wt.size * wt.dtype.itemsize,
+    bytes_accessed=lay.steps() * (lay.in_block_bytes(1) + lay.taps * lay.cb * item)
+    + n * h * w * c * item,
   )
-  body = functools.partial(_forward_kernel, ksize=ks, h=h, w=w, rows=_row_chunk(h))
+  body = functools.partial(
+    _forward_kernel, ksize=lay.ksize, h=lay.plan.band, w=w, rows=_row_chunk(lay.plan.band),
+    banded=lay.plan.banded,
+  )  # fmt: skip
   return pl.pallas_call(
     body,
-    grid=(n, c // cb, k),
-    in_specs=[
-      pl.BlockSpec((1, 1, h, w, cb), lambda i, j, kk: (kk, i, 0, 0, j)),
-      pl.BlockSpec((1, taps, cb), lambda i, j, kk: (kk, 0, j)),
-    ],
-    out_specs=pl.BlockSpec((1, h, w, cb), lambda i, j, kk: (i, 0, 0, j)),
+    grid=lay.grid,
+    in_specs=[lay.map_spec(True), lay.tap_spec()],
+    out_specs=lay.out_spec(False),
     out_shape=jax.ShapeDtypeStruct((n, h, w, c), wt.dtype),
-    scratch_shapes=[
-      pltpu.VMEM((h + 2 * p, w + 2 * p, cb), jnp.float32),
-      pltpu.VMEM((h, w, cb), jnp.float32),
-    ],
-    compiler_params=_call_params(),
+    scratch_shapes=lay.scratch(1) + [pltpu.VMEM((lay.plan.band, w, lay.cb), jnp.float32)],
+    compiler_params=lay.params(),
     cost_estimate=cost,
     interpret=interpret,
     name="spike_merge_fwd",
-  )(x8, wt)
+  )(lay.pad(x8), wt)
 
 
 def _backward_call(x8: jax.Array, g: jax.Array, wt: jax.Array, *, interpret: bool = False):
   """The cotangents of `_forward_call`'s float inputs on one device: the maps' [K, N, H, W, C]
-  in g.dtype, and per image the kernel's, [N, K, ks*ks, C] float32 (summed by the caller)."""
-  k, n, h, w, c = x8.shape
-  taps = wt.shape[1]
-  ks = int(round(taps**0.5))
-  cb, p = _channel_block(c), ks // 2
-  elems, item = n * h * w * c, g.dtype.itemsize
+  in g.dtype, and the kernel's per image and row band, [N, K, bands, ks*ks, C] float32 (summed
+  by the caller)."""
+  lay = _layout(x8, wt, g.dtype)
+  n, h, w, c, item = lay.n, lay.h, lay.w, lay.c, g.dtype.itemsize
+  bands = h // lay.plan.band
   cost = pl.CostEstimate(
-    flops=4 * k * taps * elems,
+    flops=4 * lay.k * lay.taps * n * h * w * c,
     transcendentals=0,
-    bytes_accessed=k * elems + elems * item + k * elems * item
-    + n * wt.size * (wt.dtype.itemsize + 4),
+    bytes_accessed=lay.steps() * (lay.in_block_bytes(1) + lay.taps * lay.cb * (item + 4))
+    + lay.steps(per_branch=False) * lay.in_block_bytes(item)
+    + lay.k * n * h * w * c * item,
   )
-  body = functools.partial(_backward_kernel, ksize=ks, h=h, w=w, rows=_row_chunk(h))
+  body = functools.partial(
+    _backward_kernel, ksize=lay.ksize, h=lay.plan.band, w=w, rows=_row_chunk(lay.plan.band),
+    banded=lay.plan.banded,
+  )  # fmt: skip
   return pl.pallas_call(
     body,
-    grid=(n, c // cb, k),
-    in_specs=[
-      pl.BlockSpec((1, 1, h, w, cb), lambda i, j, kk: (kk, i, 0, 0, j)),
-      pl.BlockSpec((1, h, w, cb), lambda i, j, kk: (i, 0, 0, j)),
-      pl.BlockSpec((1, taps, cb), lambda i, j, kk: (kk, 0, j)),
-    ],
+    grid=lay.grid,
+    in_specs=[lay.map_spec(True), lay.map_spec(False), lay.tap_spec()],
     out_specs=[
-      pl.BlockSpec((1, 1, h, w, cb), lambda i, j, kk: (kk, i, 0, 0, j)),
-      pl.BlockSpec((1, 1, taps, cb), lambda i, j, kk: (i, kk, 0, j)),
+      lay.out_spec(True),
+      pl.BlockSpec((1, 1, 1, lay.taps, lay.cb), lambda i, j, r, kk: (i, kk, r, 0, j)),
     ],
     out_shape=[
-      jax.ShapeDtypeStruct((k, n, h, w, c), g.dtype),
-      jax.ShapeDtypeStruct((n, k, taps, c), jnp.float32),
+      jax.ShapeDtypeStruct((lay.k, n, h, w, c), g.dtype),
+      jax.ShapeDtypeStruct((n, lay.k, bands, lay.taps, c), jnp.float32),
     ],
-    scratch_shapes=[
-      pltpu.VMEM((h + 2 * p, w + 2 * p, cb), jnp.float32),
-      pltpu.VMEM((h + 2 * p, w + 2 * p, cb), jnp.float32),
-      pltpu.VMEM((taps, w, cb), jnp.float32),
-    ],
-    compiler_params=_call_params(),
+    scratch_shapes=lay.scratch(2) + [pltpu.VMEM((lay.taps, w, lay.cb), jnp.float32)],
+    compiler_params=lay.params(),
     cost_estimate=cost,
     interpret=interpret,
     name="spike_merge_bwd",
-  )(x8, g, wt)
+  )(lay.pad(x8), lay.pad(g), wt)
 
 
 def _per_device(fn, in_specs, out_specs):
@@ -271,7 +373,7 @@ def merge_backward(x8: jax.Array, kernel: jax.Array, g: jax.Array, *, interpret:
   ks, _, k, c = kernel.shape
   fn = functools.partial(_backward_call, interpret=interpret)
   dx, dwp = _per_device(fn, ("kn", "n", ""), ["kn", "n"])(x8, g, _tap_kernel(kernel))
-  return dx, jnp.sum(dwp, axis=0).reshape(k, ks, ks, c).transpose(1, 2, 0, 3)
+  return dx, jnp.sum(dwp, axis=(0, 2)).reshape(k, ks, ks, c).transpose(1, 2, 0, 3)
 
 
 def _stack8(xs):
@@ -302,9 +404,9 @@ def spike_merge_conv(
   xs: Sequence[jax.Array], kernel: jax.Array, strides=(1, 1), *, interpret: bool = False
 ):
   """The "pallas_tpu" table's `spike_merge_conv` (contract in `layers.ops`): the Pallas kernels
-  where `supported` allows, else the portable form."""
+  where `plan` finds a plan, else the portable form."""
   strides = dwconv.check_sum(xs, kernel, strides)
   dtype = jnp.promote_types(jnp.result_type(*xs), kernel.dtype)
-  if supported(xs[0].shape, kernel.shape, strides, dtype) is not None:
+  if isinstance(plan(xs[0].shape, kernel.shape, strides, dtype), str):
     return dwconv.spike_merge_conv_int8(xs, kernel, strides)
   return _merge([x.astype(dtype) for x in xs], kernel.astype(dtype), interpret)
