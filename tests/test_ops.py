@@ -45,7 +45,9 @@ def test_tpu_table_traces_the_pallas_merge():
   # Traced only: a CPU host cannot lower Mosaic calls (tests/test_compile_tpu.py compiles them
   # for a TPU slice).
   loss, v = hlo_utils.train_mode_loss(models.build(_nano(), platform="tpu"))
-  jaxpr = str(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(v["params"], v["batch_stats"]))
+  jaxpr = str(
+    jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(v["params"], v["batch_stats"])
+  )
   assert "spike_merge_fwd" in jaxpr and "spike_merge_bwd" in jaxpr
 
 
@@ -90,7 +92,9 @@ def test_auto_without_a_platform_follows_the_default_devices():
 
 
 def test_unknown_kernels_is_a_one_line_error():
-  with pytest.raises(ValueError, match=r"unknown model.kernels 'cuda'; known: auto, xla, xla_cpu, pallas_tpu$"):
+  with pytest.raises(
+    ValueError, match=r"unknown model.kernels 'cuda'; known: auto, xla, xla_cpu, pallas_tpu$"
+  ):
     models.build(_nano("cuda"))
   with pytest.raises(ValueError, match="unknown model.kernels 'native_cpu'"):
     ops.resolve("native_cpu", "cpu")

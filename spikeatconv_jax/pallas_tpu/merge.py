@@ -117,16 +117,16 @@ def _fill(pad_ref, x_ref, *, p, h, w, banded):
     pad_ref[p : p + h, p : p + w, :] = x_ref[(0,) * (x_ref.ndim - 3)].astype(jnp.float32)
 
 
+def _zero(*refs):
+  for ref in refs:
+    ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+
 def _forward_kernel(x_ref, w_ref, o_ref, pad_ref, acc_ref, *, ksize, h, w, rows, banded):
   kk = pl.program_id(3)
   p = ksize // 2
-
-  @pl.when(kk == 0)
-  def _():
-    if not banded:
-      pad_ref[...] = jnp.zeros(pad_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
+  # At the first branch: the accumulator, and the scratch border when XLA did not pad.
+  pl.when(kk == 0)(lambda: _zero(acc_ref, *(() if banded else (pad_ref,))))
   _fill(pad_ref, x_ref, p=p, h=h, w=w, banded=banded)
 
   def step(i, carry):
@@ -154,13 +154,11 @@ def _backward_kernel(
 
   @pl.when(kk == 0)
   def _():
-    if not banded:
-      gpad_ref[...] = jnp.zeros(gpad_ref.shape, jnp.float32)
-      xpad_ref[...] = jnp.zeros(xpad_ref.shape, jnp.float32)
+    _zero(*(() if banded else (gpad_ref, xpad_ref)))
     _fill(gpad_ref, g_ref, p=p, h=h, w=w, banded=banded)
 
   _fill(xpad_ref, x_ref, p=p, h=h, w=w, banded=banded)
-  dwacc_ref[...] = jnp.zeros(dwacc_ref.shape, jnp.float32)
+  _zero(dwacc_ref)
 
   def step(i, carry):
     h0 = pl.multiple_of(i * rows, rows)
@@ -255,6 +253,13 @@ class _Layout:
     pad = pltpu.VMEM((self.plan.band + 2 * self.p, self.w + 2 * self.p, self.cb), jnp.float32)
     return [pad] * n
 
+  def bind(self, kernel_fn):
+    """`kernel_fn` with this layout's static arguments."""
+    band = self.plan.band
+    return functools.partial(
+      kernel_fn, ksize=self.ksize, h=band, w=self.w, rows=_row_chunk(band), banded=self.plan.banded
+    )
+
   def params(self):
     return pltpu.CompilerParams(
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
@@ -283,12 +288,8 @@ def _forward_call(x8: jax.Array, wt: jax.Array, *, interpret: bool = False):
     bytes_accessed=lay.steps() * (lay.in_block_bytes(1) + lay.taps * lay.cb * item)
     + n * h * w * c * item,
   )
-  body = functools.partial(
-    _forward_kernel, ksize=lay.ksize, h=lay.plan.band, w=w, rows=_row_chunk(lay.plan.band),
-    banded=lay.plan.banded,
-  )  # fmt: skip
   return pl.pallas_call(
-    body,
+    lay.bind(_forward_kernel),
     grid=lay.grid,
     in_specs=[lay.map_spec(True), lay.tap_spec()],
     out_specs=lay.out_spec(False),
@@ -315,12 +316,8 @@ def _backward_call(x8: jax.Array, g: jax.Array, wt: jax.Array, *, interpret: boo
     + lay.steps(per_branch=False) * lay.in_block_bytes(item)
     + lay.k * n * h * w * c * item,
   )
-  body = functools.partial(
-    _backward_kernel, ksize=lay.ksize, h=lay.plan.band, w=w, rows=_row_chunk(lay.plan.band),
-    banded=lay.plan.banded,
-  )  # fmt: skip
   return pl.pallas_call(
-    body,
+    lay.bind(_backward_kernel),
     grid=lay.grid,
     in_specs=[lay.map_spec(True), lay.map_spec(False), lay.tap_spec()],
     out_specs=[
