@@ -215,20 +215,20 @@ class _Layout:
     return math.prod(g) if per_branch else math.prod(g[:3])
 
   def map_spec(self, branch_axis: bool) -> pl.BlockSpec:
-    """An input map, [K, N, H, W, C] (branch_axis) or [N, H, W, C], as the step's rows."""
+    """An input map, [K, N, H, W, C] (branch_axis) or [N, H, W, C], as the step's rows: its
+    output rows (`out_spec`), or for banded plans a window with the border rows."""
+    if not self.plan.banded:
+      return self.out_spec(branch_axis)
     band, cb, p = self.plan.band, self.cb, self.p
-    if self.plan.banded:
-      win = (pl.Element(band + 2 * p), pl.Element(self.w + 2 * p), pl.Element(cb))
-      # Element offsets; Mosaic must see the channel offset as a multiple of the lane tiling.
-      lanes = (lambda j: j * _LANES) if cb == _LANES else (lambda j: 0)
-      if branch_axis:
-        return pl.BlockSpec((None, None) + win, lambda i, j, r, kk: (kk, i, r * band, 0, lanes(j)))
-      return pl.BlockSpec((None,) + win, lambda i, j, r, kk: (i, r * band, 0, lanes(j)))
+    win = (pl.Element(band + 2 * p), pl.Element(self.w + 2 * p), pl.Element(cb))
+    # Element offsets; Mosaic must see the channel offset as a multiple of the lane tiling.
+    lanes = (lambda j: j * _LANES) if cb == _LANES else (lambda j: 0)
     if branch_axis:
-      return pl.BlockSpec((1, 1, band, self.w, cb), lambda i, j, r, kk: (kk, i, r, 0, j))
-    return pl.BlockSpec((1, band, self.w, cb), lambda i, j, r, kk: (i, r, 0, j))
+      return pl.BlockSpec((None, None) + win, lambda i, j, r, kk: (kk, i, r * band, 0, lanes(j)))
+    return pl.BlockSpec((None,) + win, lambda i, j, r, kk: (i, r * band, 0, lanes(j)))
 
   def out_spec(self, branch_axis: bool) -> pl.BlockSpec:
+    """A map's block of the step's output rows, [K, N, H, W, C] (branch_axis) or [N, H, W, C]."""
     band, cb = self.plan.band, self.cb
     if branch_axis:
       return pl.BlockSpec((1, 1, band, self.w, cb), lambda i, j, r, kk: (kk, i, r, 0, j))
