@@ -183,6 +183,22 @@ def census(text: str) -> dict:
   }
 
 
+def loop_trip_counts(text: str) -> list[int]:
+  """The known trip counts of the optimized module's while loops (0 where not known).
+
+  XLA's cost analysis (`compiled.cost_analysis()`) counts a while loop's body once, whatever
+  its trip count: a program with loops reports less than it runs."""
+  out = []
+  for name, instrs in parse_hlo(text).items():
+    if name == "__entry__":
+      continue
+    for _, _, opcode, rest in instrs:
+      if opcode == "while":
+        trip = _TRIP.search(rest)
+        out.append(int(trip.group(1)) if trip else 0)
+  return out
+
+
 def top_ops(text: str, n: int) -> list[dict]:
   """The n top-level ops (not inside a fusion) with the most bytes of operands and result,
   times the known trip counts of the loops around them."""

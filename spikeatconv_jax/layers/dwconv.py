@@ -101,6 +101,25 @@ def depthwise_conv2d_lax(x: jax.Array, kernel: jax.Array, strides: Sequence[int]
   )
 
 
+def depthwise_conv2d_per_multiplier(
+  x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1)
+) -> jax.Array:
+  """`depthwise_conv2d_lax` as M depthwise convs (one output per input channel each), their
+  outputs interleaved into channel c*M + m. For M = 1 it is `depthwise_conv2d_lax`.
+
+  XLA:TPU lowers a grouped conv with M = 2 outputs per group (the stage-entry depthwise conv
+  that doubles the width) far above its nominal cost, in the kernel gradient above all; M pure
+  depthwise convs run near it (notes/2026-12-05-tpu-parts.md).
+  """
+  strides = check(x, kernel, strides)
+  m = kernel.shape[3]
+  if m == 1:
+    return depthwise_conv2d_lax(x, kernel, strides)
+  ys = [depthwise_conv2d_lax(x, kernel[..., i : i + 1], strides) for i in range(m)]
+  n, h, w, c = ys[0].shape
+  return jnp.stack(ys, axis=-1).reshape(n, h, w, c * m)
+
+
 def kernel_grad_taps(x, g, kernel_hw, in_per_group: int, strides) -> jax.Array:
   """Kernel gradient of the SAME grouped conv x [N, H, W, G*I] -> g [N, H', W', G*O] (groups G,
   I = in_per_group), as one reduction per kernel offset, in float32: [kh, kw, I, G*O], the

@@ -1,13 +1,25 @@
-"""The "pallas_tpu" hook table (`layers.ops`): the portable table with MBPL's merge conv as
-Pallas TPU kernels (`pallas_tpu.merge`). Loaded by `ops.get("pallas_tpu")` on first use."""
+"""The "pallas_tpu" hook table (`layers.ops`): what TPUs run. The portable table with
+
+- MBPL's merge conv as Pallas TPU kernels (`pallas_tpu.merge`);
+- the depthwise conv with a channel multiplier (stage entries) as one depthwise conv per
+  multiplier (`dwconv.depthwise_conv2d_per_multiplier`);
+- `materialize` / `materialize_cotangent` as `lax.optimization_barrier`s (`pallas_tpu.hold`).
+
+Loaded by `ops.get("pallas_tpu")` on first use.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
-from spikeatconv_jax.layers import ops
-from spikeatconv_jax.pallas_tpu import merge
+from spikeatconv_jax.layers import dwconv, ops
+from spikeatconv_jax.pallas_tpu import hold, merge
 
 TABLE = dataclasses.replace(
-  ops.get("xla"), name="pallas_tpu", spike_merge_conv=merge.spike_merge_conv
+  ops.get("xla"),
+  name="pallas_tpu",
+  spike_merge_conv=merge.spike_merge_conv,
+  depthwise_conv2d=dwconv.depthwise_conv2d_per_multiplier,
+  materialize=hold.materialize,
+  materialize_cotangent=hold.materialize_cotangent,
 )
