@@ -48,6 +48,14 @@ def test_census_counts_ops_in_every_computation():
   assert c["collectives"]["all-reduce"] == 1 and c["while_loops"] == 1 and c["fusions"] == 1
 
 
+def test_loop_trip_counts_list_every_while_loop():
+  # XLA's cost analysis counts this body once though it runs three times.
+  assert hardware.loop_trip_counts(_HLO) == [3]
+  assert hardware.loop_trip_counts(
+    _HLO.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
+  ) == [0]
+
+
 def test_top_ops_multiply_bytes_by_the_loop_trip_count():
   top = hardware.top_ops(_HLO, 10)
   fusion = next(r for r in top if r["op"] == "fusion:kLoop")
@@ -122,9 +130,10 @@ def test_compiles_nano_for_one_v5e_chip(tmp_path):
     calls = re.findall(r'custom_call_target="([^"]+)"', text)
     assert sorted(set(calls)) == sorted(targets)
     assert not [t for t in calls if "spikeatconv" in t or "barrier" in t.lower()], calls
-    # MBPL's merge convs are Mosaic calls (forward; backward in the train step), none in the twin.
-    assert targets.get("tpu_custom_call", 0) > 0 and "spike_merge_fwd" in text
-    assert ("spike_merge_bwd" in text) == (kind == "train")
+    # MBPL's LIFs and merge convs are fused Mosaic calls at T=1 (forward; backward in the train
+    # step), none in the twin.
+    assert targets.get("tpu_custom_call", 0) > 0 and "lif_merge_fwd" in text
+    assert ("lif_merge_bwd" in text) == (kind == "train")
   assert "tpu_custom_call" not in twin["train"]["census"]["custom_calls"]
   # Train: the parameters' gradient and Adam moments make the train step's outputs larger.
   assert program["train"]["hbm"]["outputs_bytes"] > program["eval"]["hbm"]["outputs_bytes"]

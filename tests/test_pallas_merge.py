@@ -13,6 +13,7 @@ from configs.common import model_config
 from spikeatconv_jax import models
 from spikeatconv_jax.layers import dwconv, ops
 from spikeatconv_jax.pallas_tpu import merge
+from spikeatconv_jax.snn import lif as lif_lib
 
 
 def _inputs(n, h, w, c, k, seed=0):
@@ -107,3 +108,65 @@ def test_tpu_targets_resolve_to_the_pallas_table():
   cfg.kernels = "pallas_tpu"
   with pytest.raises(ValueError, match="runs on tpu"):
     models.build(cfg, platform="cpu")
+
+
+def _lif_case(n, h, w, c, k, seed=0):
+  kx, kk, kg = jax.random.split(jax.random.PRNGKey(seed), 3)
+  x = 3.0 * jax.random.normal(kx, (n, h, w, c))
+  kernel = jax.random.normal(kk, (7, 7, k, c))
+  g = jax.random.normal(kg, (n, h, w, c))
+  return x, kernel, g
+
+
+def _composed(lif):
+  def f(x, kernel):
+    spikes = lif_lib.lif_multithreshold(x[None], **lif._asdict())
+    return dwconv.spike_merge_conv_int8([s[0] for s in spikes], kernel)
+
+  return f
+
+
+@pytest.mark.parametrize(
+  "shape,lif_kw",
+  [
+    ((2, 8, 8, 16), dict(v_threshold=(0.2, 1.0, 2.0, 4.0))),
+    ((1, 6, 5, 8), dict(v_threshold=(0.5, 1.5), decay_input=False, surrogate="sigmoid")),
+    ((1, 7, 7, 256), dict(v_threshold=(-0.5, 1.0), v_reset=None, tau=3.0)),
+  ],
+  ids=["mbpl_default", "odd_map_sigmoid", "two_channel_blocks_soft_reset"],
+)
+def test_fused_lif_merge_matches_the_lif_and_the_merge(shape, lif_kw):
+  lif = lif_lib.make_params(**lif_kw)
+  x, kernel, g = _lif_case(*shape, len(lif.v_thresholds))
+  fused = lambda x, k: merge.lif_spike_merge(x, k, (1, 1), lif, interpret=True)  # noqa: E731
+  want = _value_and_grads(_composed(lif), x, kernel, g)
+  got = _value_and_grads(fused, x, kernel, g)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-4)
+  for a, b in zip(got[1], want[1], strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_lif_merge_in_row_bands_never_fires_in_the_padding(monkeypatch):
+  # A negative threshold fires on a zero input: the band windows' padding must not.
+  lif = lif_lib.make_params(v_threshold=(-0.5, 1.0))
+  x, kernel, g = _lif_case(1, 16, 8, 8, 2)
+  monkeypatch.setattr(merge, "VMEM_BUDGET", merge.vmem_estimate(4, 8, 8, 7, 4, True, lif=True))
+  assert merge.plan(x.shape, kernel.shape, (1, 1), jnp.float32, lif=True) == merge.Plan(4, True)
+  fused = lambda x, k: merge.lif_spike_merge(x, k, (1, 1), lif, interpret=True)  # noqa: E731
+  want = _value_and_grads(_composed(lif), x, kernel, g)
+  got = _value_and_grads(fused, x, kernel, g)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-4)
+  for a, b in zip(got[1], want[1], strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_lif_merge_falls_back_where_no_plan():
+  lif = lif_lib.make_params(v_threshold=(0.2, 1.0))
+  x, kernel, g = _lif_case(1, 6, 6, 8, 2)
+  got = merge.lif_spike_merge(x, kernel, (2, 2), lif, interpret=True)
+  want = dwconv.spike_merge_conv_int8(
+    [s[0] for s in lif_lib.lif_multithreshold(x[None], **lif._asdict())], kernel, (2, 2)
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="thresholds"):
+    merge.lif_spike_merge(x, kernel[:, :, :1], (1, 1), lif)

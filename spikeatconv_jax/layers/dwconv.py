@@ -323,11 +323,25 @@ class DepthwiseConv(nn.Module):
   sum_branches: int = 1
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, lif=None):
+    """`lif` (sum_branches=K only): x is one map [N, H, W, C], the input of K one-step LIF
+    neurons (`snn.lif.LIFParams`, K thresholds) whose spikes are the branches; the table's
+    `lif_spike_merge` (which it must have) computes the merge from x."""
     nb = self.sum_branches
     ks = self.kernel_size
     strides = (self.strides,) * 2
-    if nb == 1:
+    if lif is not None:
+      fused = ops.current().lif_spike_merge
+      if nb == 1 or fused is None or len(lif.v_thresholds) != nb:
+        raise ValueError(
+          f"a merge from the LIF input needs sum_branches={len(lif.v_thresholds)} and a table "
+          f"with lif_spike_merge; got sum_branches={nb}, table {ops.current().name!r}"
+        )
+      c = x.shape[-1]
+      k = self.param("kernel", self.kernel_init, (ks, ks, nb * c, 1), self.param_dtype)
+      kb = k.reshape(ks, ks, nb, c).astype(self.dtype)
+      y = fused(x.astype(self.dtype), kb, strides, lif)
+    elif nb == 1:
       c = x.shape[-1]
       k = self.param("kernel", self.kernel_init, (ks, ks, c, self.multiplier), self.param_dtype)
       y = depthwise_conv2d(x.astype(self.dtype), k.astype(self.dtype), strides)

@@ -48,6 +48,12 @@ Hooks (see `Ops`):
       -> module: a BatchNorm over every axis but the last with nn.BatchNorm's parameters
       ("scale", "bias") and running statistics ("batch_stats": "mean", "var"). Portable:
       `layers.norms.BatchNorm`; a table that does not set it uses nn.BatchNorm.
+  lif_spike_merge(x [N, H, W, C], kernel [kh, kw, K, C], strides, lif) -> [N, H', W', C]
+      spike_merge_conv of the K spike trains of one-step (T = 1) LIF neurons on x, one per
+      threshold of `lif` (`snn.lif.LIFParams`), the gradient reaching x through the surrogate.
+      None (the portable table): no such form; the SPK block composes the LIF and
+      spike_merge_conv. A table may make the spikes where it consumes them (the TPU kernels
+      never store them).
   recompute_spikes(fn) -> fn'
       fn(module, x, ...) computes spike trains from its input x and what consumes them (MBPL's
       LIFs and merge conv); fn' has the same values and gradients. Portable: a flax checkpoint
@@ -91,6 +97,7 @@ class Ops:
   add_broadcast: Callable
   batch_norm: Callable[..., nn.Module] = nn.BatchNorm
   recompute_spikes: Callable[[Callable], Callable] = lambda fn: fn
+  lif_spike_merge: Callable | None = None
 
 
 def _recompute_spikes(fn: Callable) -> Callable:

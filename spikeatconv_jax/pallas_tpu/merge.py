@@ -16,6 +16,12 @@ VMEM budget, a band is the whole map and the border is written in VMEM; larger m
 112x112 at 224 pixels) go in bands of rows read as overlapping windows (`pl.Element`) of inputs
 zero-padded by XLA.
 
+At T = 1 the table's `lif_spike_merge` fuses the LIF before the merge into both kernels: they
+read the LIF's input x instead of K spike maps and make each branch's spikes Θ(H(x) - V_th,k)
+in VMEM; the backward applies the surrogate there too and writes one cotangent of x, summed over
+the branches in VMEM, instead of K. Nothing between the LIF and the merge is stored. Banded
+plans pad x with -inf, where no neuron fires.
+
 XLA:TPU takes a Pallas call's flops and bytes from its `pl.CostEstimate`; the estimates here
 count every block the pipeline moves (each input block once per grid step that changes it).
 
@@ -39,9 +45,11 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from spikeatconv_jax.layers import dwconv
+from spikeatconv_jax.snn import lif as lif_lib
+from spikeatconv_jax.snn import surrogate
 
 # Scoped VMEM a call may plan for (the compiler's default limit on v4/v5e/v5p/v6e is 16 MiB).
-VMEM_BUDGET = 12 * 2**20
+VMEM_BUDGET = 14 * 2**20
 _ROWS = 8  # output rows accumulated per inner step (bounds the live float32 values)
 _LANES = 128
 
@@ -61,19 +69,23 @@ def _tile_bytes(rows: int, cols: int, lanes: int, itemsize: int) -> int:
   return rows * -(-cols // sub) * sub * -(-lanes // _LANES) * _LANES * itemsize
 
 
-def vmem_estimate(band: int, w: int, c: int, ksize: int, itemsize: int, banded: bool) -> int:
+def vmem_estimate(
+  band: int, w: int, c: int, ksize: int, itemsize: int, banded: bool, lif: bool = False
+) -> int:
   """Bytes of VMEM the backward kernel (the larger) plans for at `band` output rows per step:
-  double-buffered blocks plus scratch."""
+  double-buffered blocks plus scratch. `lif`: the fused form, whose input map is the LIF input
+  (in `itemsize`) and whose input cotangent accumulates over the branches in VMEM."""
   cb, p = _channel_block(c), ksize // 2
   rows_in, cols_in = (band + 2 * p, w + 2 * p) if banded else (band, w)
   blocks = (
-    _tile_bytes(rows_in, cols_in, cb, 1)  # one branch's int8 map
+    _tile_bytes(rows_in, cols_in, cb, itemsize if lif else 1)  # a branch's map / the LIF input
     + _tile_bytes(rows_in, cols_in, cb, itemsize)  # the output cotangent
-    + _tile_bytes(band, w, cb, itemsize)  # the branch's input cotangent
+    + _tile_bytes(band, w, cb, itemsize)  # the input cotangent
     + 2 * _tile_bytes(1, ksize * ksize, cb, 4)  # the branch's kernel and its gradient
   )
   pad = _tile_bytes(band + 2 * p, w + 2 * p, cb, 4)
-  return 2 * blocks + 2 * pad + _tile_bytes(ksize * ksize, w, cb, 4)
+  acc = _tile_bytes(band, w, cb, 4) if lif else 0
+  return 2 * blocks + 2 * pad + acc + _tile_bytes(ksize * ksize, w, cb, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +97,11 @@ class Plan:
   banded: bool
 
 
-def plan(shape: Sequence[int], kernel_shape: Sequence[int], strides, dtype) -> Plan | str:
+def plan(
+  shape: Sequence[int], kernel_shape: Sequence[int], strides, dtype, lif: bool = False
+) -> Plan | str:
   """The `Plan` for a merge of K maps of `shape` [N, H, W, C] with a kernel [kh, kw, K, C] and
-  `strides`, or why the kernels do not take it."""
+  `strides` (`lif`: the fused form's), or why the kernels do not take it."""
   _, h, w, c = shape
   kh, kw, _, _ = kernel_shape
   if tuple(strides) != (1, 1):
@@ -95,10 +109,10 @@ def plan(shape: Sequence[int], kernel_shape: Sequence[int], strides, dtype) -> P
   if kh != kw or kh % 2 == 0:
     return f"kernel {kh}x{kw}"
   item = jnp.dtype(dtype).itemsize
-  if vmem_estimate(h, w, c, kh, item, banded=False) <= VMEM_BUDGET:
+  if vmem_estimate(h, w, c, kh, item, banded=False, lif=lif) <= VMEM_BUDGET:
     return Plan(h, False)
   for band in sorted((b for b in range(1, h) if h % b == 0), reverse=True):
-    if vmem_estimate(band, w, c, kh, item, banded=True) <= VMEM_BUDGET:
+    if vmem_estimate(band, w, c, kh, item, banded=True, lif=lif) <= VMEM_BUDGET:
       return Plan(band, True)
   return f"a {w}-column row of {c} channels needs more than {VMEM_BUDGET / 2**20:.0f} MiB of VMEM"
 
@@ -109,12 +123,28 @@ def _tap_kernel(kernel: jax.Array) -> jax.Array:
   return kernel.transpose(2, 0, 1, 3).reshape(k, kh * kw, c)
 
 
-def _fill(pad_ref, x_ref, *, p, h, w, banded):
-  """The step's input rows into the float32 scratch, bordered by p zeros."""
-  if banded:  # the window already holds the border (XLA's zero padding)
-    pad_ref[...] = x_ref[...].astype(jnp.float32)
+def _fill(pad_ref, x_ref, *, p, h, w, banded, fn=None):
+  """The step's input rows (through `fn`, e.g. the LIF's spikes) into the float32 scratch,
+  bordered by p zeros."""
+  fn = fn or (lambda v: v)
+  if banded:  # the window already holds the border (XLA's padding, which fn maps to zero)
+    pad_ref[...] = fn(x_ref[...].astype(jnp.float32))
   else:  # the border was zeroed at the first branch and is never written
-    pad_ref[p : p + h, p : p + w, :] = x_ref[(0,) * (x_ref.ndim - 3)].astype(jnp.float32)
+    pad_ref[p : p + h, p : p + w, :] = fn(x_ref[(0,) * (x_ref.ndim - 3)].astype(jnp.float32))
+
+
+def _membrane(x, lif):
+  """The pre-spike potential H of a one-step LIF (the first step from V_0), float32 x."""
+  vr = 0.0 if lif.v_reset is None else lif.v_reset
+  v0 = vr if lif.v_reset is not None else 0.0
+  if lif.decay_input:
+    return v0 + (x - (v0 - vr)) / lif.tau
+  return v0 - (v0 - vr) / lif.tau + x
+
+
+def _lif_spikes(lif, th_ref):
+  """x -> the branch's spikes Θ(H(x) - V_th) in float32 (V_th from the branch's th block)."""
+  return lambda x: (_membrane(x, lif) - th_ref[0] >= 0).astype(jnp.float32)
 
 
 def _zero(*refs):
@@ -122,12 +152,15 @@ def _zero(*refs):
     ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
 
-def _forward_kernel(x_ref, w_ref, o_ref, pad_ref, acc_ref, *, ksize, h, w, rows, banded):
+def _forward_kernel(x_ref, w_ref, *refs, ksize, h, w, rows, banded, lif=None):
+  # lif: x is the LIF input and refs start with the branch's threshold block.
+  th_ref, (o_ref, pad_ref, acc_ref) = (refs[0], refs[1:]) if lif else (None, refs)
   kk = pl.program_id(3)
   p = ksize // 2
   # At the first branch: the accumulator, and the scratch border when XLA did not pad.
   pl.when(kk == 0)(lambda: _zero(acc_ref, *(() if banded else (pad_ref,))))
-  _fill(pad_ref, x_ref, p=p, h=h, w=w, banded=banded)
+  fn = _lif_spikes(lif, th_ref) if lif else None
+  _fill(pad_ref, x_ref, p=p, h=h, w=w, banded=banded, fn=fn)
 
   def step(i, carry):
     h0 = pl.multiple_of(i * rows, rows)
@@ -180,6 +213,53 @@ def _backward_kernel(
   jax.lax.fori_loop(0, h // rows, step, 0)
   for t in range(taps):
     dw_ref[0, 0, 0, t : t + 1, :] = jnp.sum(dwacc_ref[t], axis=0, keepdims=True)
+
+
+def _backward_lif_kernel(
+  x_ref, g_ref, w_ref, th_ref, dx_ref, dw_ref, gpad_ref, xpad_ref, dwacc_ref, dxacc_ref,
+  *, ksize, h, w, rows, banded, lif,
+):  # fmt: skip
+  """`_backward_kernel` for the fused form: the branch's spikes come from the LIF input x, and
+  its input cotangent, through the surrogate, accumulates into one x cotangent over branches."""
+  kk = pl.program_id(3)
+  p, taps = ksize // 2, ksize * ksize
+  grad = surrogate.get_surrogate(lif.surrogate).grad
+  dh_dx = 1.0 / lif.tau if lif.decay_input else 1.0
+
+  @pl.when(kk == 0)
+  def _():
+    _zero(dxacc_ref, *(() if banded else (gpad_ref, xpad_ref)))
+    _fill(gpad_ref, g_ref, p=p, h=h, w=w, banded=banded)
+
+  _fill(xpad_ref, x_ref, p=p, h=h, w=w, banded=banded, fn=_lif_spikes(lif, th_ref))
+  _zero(dwacc_ref)
+
+  def step(i, carry):
+    h0 = pl.multiple_of(i * rows, rows)
+    g = gpad_ref[pl.ds(h0 + p, rows), p : p + w, :]
+    ds = jnp.zeros(g.shape, jnp.float32)
+    for a in range(ksize):
+      for b in range(ksize):
+        t = a * ksize + b
+        tap = w_ref[0, t : t + 1, :].astype(jnp.float32)
+        ds = ds + gpad_ref[pl.ds(h0 + 2 * p - a, rows), 2 * p - b : 2 * p - b + w, :] * tap
+        win = xpad_ref[pl.ds(h0 + a, rows), b : b + w, :]
+        dwacc_ref[t] = dwacc_ref[t] + jnp.sum(g * win, axis=0)
+    if banded:
+      x = x_ref[pl.ds(h0 + p, rows), p : p + w, :]
+    else:
+      x = x_ref[0, pl.ds(h0, rows), :, :]
+    u = _membrane(x.astype(jnp.float32), lif) - th_ref[0]
+    dxacc_ref[pl.ds(h0, rows), :, :] += ds * (grad(u, lif.alpha) * dh_dx)
+    return carry
+
+  jax.lax.fori_loop(0, h // rows, step, 0)
+  for t in range(taps):
+    dw_ref[0, 0, 0, t : t + 1, :] = jnp.sum(dwacc_ref[t], axis=0, keepdims=True)
+
+  @pl.when(kk == pl.num_programs(3) - 1)
+  def _():
+    dx_ref[0] = dxacc_ref[...].astype(dx_ref.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +317,10 @@ class _Layout:
   def tap_spec(self) -> pl.BlockSpec:
     return pl.BlockSpec((1, self.taps, self.cb), lambda i, j, r, kk: (kk, 0, j))
 
+  def threshold_spec(self) -> pl.BlockSpec:
+    """The branch's threshold, [K, 1, C] (the same for every channel)."""
+    return pl.BlockSpec((1, 1, self.cb), lambda i, j, r, kk: (kk, 0, j))
+
   def pad(self, x: jax.Array) -> jax.Array:
     """x [..., H, W, C] zero-padded on H and W for banded plans, else x."""
     if not self.plan.banded:
@@ -253,11 +337,17 @@ class _Layout:
     pad = pltpu.VMEM((self.plan.band + 2 * self.p, self.w + 2 * self.p, self.cb), jnp.float32)
     return [pad] * n
 
-  def bind(self, kernel_fn):
-    """`kernel_fn` with this layout's static arguments."""
+  def bind(self, kernel_fn, **static):
+    """`kernel_fn` with this layout's static arguments (and `static`)."""
     band = self.plan.band
     return functools.partial(
-      kernel_fn, ksize=self.ksize, h=band, w=self.w, rows=_row_chunk(band), banded=self.plan.banded
+      kernel_fn,
+      ksize=self.ksize,
+      h=band,
+      w=self.w,
+      rows=_row_chunk(band),
+      banded=self.plan.banded,
+      **static,
     )
 
   def params(self):
@@ -266,10 +356,12 @@ class _Layout:
     )
 
 
-def _layout(x8: jax.Array, wt: jax.Array, dtype) -> _Layout:
-  k, n, h, w, c = x8.shape
+def _layout(x8: jax.Array, wt: jax.Array, dtype, lif: bool = False) -> _Layout:
+  """x8: the K maps [K, N, H, W, C], or with `lif` the LIF input [N, H, W, C]."""
+  k = wt.shape[0]
+  n, h, w, c = x8.shape[-4:]
   ks = math.isqrt(wt.shape[1])
-  got = plan((n, h, w, c), (ks, ks, k, c), (1, 1), dtype)
+  got = plan((n, h, w, c), (ks, ks, k, c), (1, 1), dtype, lif=lif)
   if isinstance(got, str):
     raise ValueError(f"spike merge kernels: {got}")
   return _Layout(k, n, h, w, c, ks, got)
@@ -407,3 +499,139 @@ def spike_merge_conv(
   if isinstance(plan(xs[0].shape, kernel.shape, strides, dtype), str):
     return dwconv.spike_merge_conv_int8(xs, kernel, strides)
   return _merge([x.astype(dtype) for x in xs], kernel.astype(dtype), interpret)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused form: the LIF's spikes made inside the kernels from its input.
+
+
+def _thresholds(lif, k: int, c: int) -> jax.Array:
+  return jnp.broadcast_to(jnp.asarray(lif.v_thresholds, jnp.float32)[:, None, None], (k, 1, c))
+
+
+def _pad_never_fires(lay: _Layout, x: jax.Array) -> jax.Array:
+  """x padded for a banded plan with -inf: the LIF never fires there (as outside the map)."""
+  if not lay.plan.banded:
+    return x
+  p = lay.p
+  return jnp.pad(x, [(0, 0), (p, p), (p, p), (0, 0)], constant_values=-jnp.inf)
+
+
+def _lif_forward_call(x, wt, th, *, lif, interpret=False):
+  """Σ_k depthwise conv(Θ(H(x) - V_th,k), kernel k) on one device, in wt.dtype; x [N, H, W, C]."""
+  lay = _layout(x, wt, wt.dtype, lif=True)
+  n, h, w, c, item = lay.n, lay.h, lay.w, lay.c, wt.dtype.itemsize
+  cost = pl.CostEstimate(
+    flops=2 * lay.k * lay.taps * n * h * w * c,
+    transcendentals=0,
+    # x's block changes with (image, channel block, band), not with the branch.
+    bytes_accessed=lay.steps(per_branch=False) * lay.in_block_bytes(x.dtype.itemsize)
+    + lay.steps() * (lay.taps + 1) * lay.cb * item
+    + n * h * w * c * item,
+  )
+  return pl.pallas_call(
+    lay.bind(_forward_kernel, lif=lif),
+    grid=lay.grid,
+    in_specs=[lay.map_spec(False), lay.tap_spec(), lay.threshold_spec()],
+    out_specs=lay.out_spec(False),
+    out_shape=jax.ShapeDtypeStruct((n, h, w, c), wt.dtype),
+    scratch_shapes=lay.scratch(1) + [pltpu.VMEM((lay.plan.band, w, lay.cb), jnp.float32)],
+    compiler_params=lay.params(),
+    cost_estimate=cost,
+    interpret=interpret,
+    name="lif_merge_fwd",
+  )(_pad_never_fires(lay, x), wt, th)
+
+
+def _lif_backward_call(x, g, wt, th, *, lif, interpret=False):
+  """The cotangents of `_lif_forward_call`'s inputs on one device: x's [N, H, W, C] in x.dtype,
+  and the kernel's per image and row band, [N, K, bands, ks*ks, C] float32."""
+  lay = _layout(x, wt, g.dtype, lif=True)
+  n, h, w, c = lay.n, lay.h, lay.w, lay.c
+  bands = h // lay.plan.band
+  cost = pl.CostEstimate(
+    flops=(4 * lay.taps + 8) * lay.k * n * h * w * c,
+    transcendentals=0,
+    bytes_accessed=lay.steps(per_branch=False)
+    * (lay.in_block_bytes(x.dtype.itemsize) + lay.in_block_bytes(g.dtype.itemsize))
+    + lay.steps() * (lay.taps * lay.cb * (wt.dtype.itemsize + 4) + lay.cb * 4)
+    + n * h * w * c * x.dtype.itemsize,
+  )
+  return pl.pallas_call(
+    lay.bind(_backward_lif_kernel, lif=lif),
+    grid=lay.grid,
+    in_specs=[lay.map_spec(False), lay.map_spec(False), lay.tap_spec(), lay.threshold_spec()],
+    out_specs=[
+      lay.out_spec(False),
+      pl.BlockSpec((1, 1, 1, lay.taps, lay.cb), lambda i, j, r, kk: (i, kk, r, 0, j)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct((n, h, w, c), x.dtype),
+      jax.ShapeDtypeStruct((n, lay.k, bands, lay.taps, c), jnp.float32),
+    ],
+    scratch_shapes=lay.scratch(2)
+    + [
+      pltpu.VMEM((lay.taps, w, lay.cb), jnp.float32),
+      pltpu.VMEM((lay.plan.band, w, lay.cb), jnp.float32),
+    ],
+    compiler_params=lay.params(),
+    cost_estimate=cost,
+    interpret=interpret,
+    name="lif_merge_bwd",
+  )(_pad_never_fires(lay, x), lay.pad(g), wt, th)
+
+
+def lif_merge_forward(x, kernel, lif, *, interpret: bool = False) -> jax.Array:
+  """Σ_k depthwise conv(S_k, kernel[:, :, k, :]) of the one-step LIF spikes S_k of x [N, H, W,
+  C] (threshold lif.v_thresholds[k]), SAME padding, stride 1, in kernel.dtype."""
+  k, c = kernel.shape[2:]
+  fn = functools.partial(_lif_forward_call, lif=lif, interpret=interpret)
+  return _per_device(fn, ("n", "", ""), "n")(x, _tap_kernel(kernel), _thresholds(lif, k, c))
+
+
+def lif_merge_backward(x, kernel, g, lif, *, interpret: bool = False):
+  """The cotangents of `lif_merge_forward`'s inputs: x's (through the surrogate) in x.dtype,
+  and the kernel's [ks, ks, K, C] in float32."""
+  ks, _, k, c = kernel.shape
+  fn = functools.partial(_lif_backward_call, lif=lif, interpret=interpret)
+  dx, dwp = _per_device(fn, ("n", "n", "", ""), ["n", "n"])(
+    x, g, _tap_kernel(kernel), _thresholds(lif, k, c)
+  )
+  return dx, jnp.sum(dwp, axis=(0, 2)).reshape(k, ks, ks, c).transpose(1, 2, 0, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _lif_merge(x, kernel, lif, interpret):
+  return lif_merge_forward(x, kernel, lif, interpret=interpret)
+
+
+def _lif_merge_fwd(x, kernel, lif, interpret):
+  return lif_merge_forward(x, kernel, lif, interpret=interpret), (x, kernel)
+
+
+def _lif_merge_bwd(lif, interpret, res, g):
+  x, kernel = res
+  dx, dw = lif_merge_backward(x, kernel, g.astype(kernel.dtype), lif, interpret=interpret)
+  return dx, dw.astype(kernel.dtype)
+
+
+_lif_merge.defvjp(_lif_merge_fwd, _lif_merge_bwd)
+
+
+def lif_spike_merge(
+  x: jax.Array, kernel: jax.Array, strides, lif: lif_lib.LIFParams, *, interpret: bool = False
+) -> jax.Array:
+  """The "pallas_tpu" table's `lif_spike_merge` (contract in `layers.ops`): the fused kernels
+  where `plan` finds a plan (the input is never stored as spikes: both kernels make them from
+  x in VMEM), else the LIF and `spike_merge_conv` composed."""
+  strides = dwconv.check(x, kernel[:, :, 0, :, None], strides)
+  if kernel.shape[2] != len(lif.v_thresholds):
+    raise ValueError(
+      f"lif_spike_merge: a kernel of {kernel.shape[2]} branches for "
+      f"{len(lif.v_thresholds)} thresholds"
+    )
+  dtype = jnp.promote_types(x.dtype, kernel.dtype)
+  if isinstance(plan(x.shape, kernel.shape, strides, dtype, lif=True), str):
+    spikes = lif_lib.lif_multithreshold(x[None], **lif._asdict())
+    return spike_merge_conv([s[0] for s in spikes], kernel, strides)
+  return _lif_merge(x.astype(dtype), kernel.astype(dtype), lif, interpret)

@@ -1,6 +1,7 @@
 """The "pallas_tpu" hook table (`layers.ops`): what TPUs run. The portable table with
 
-- MBPL's merge conv as Pallas TPU kernels (`pallas_tpu.merge`);
+- MBPL's merge conv as Pallas TPU kernels (`pallas_tpu.merge`), and at T = 1 fused with the
+  LIF before it (`lif_spike_merge`: the kernels make the spikes from the LIF input);
 - the depthwise conv with a channel multiplier (stage entries) as one depthwise conv per
   multiplier (`dwconv.depthwise_conv2d_per_multiplier`);
 - `materialize` / `materialize_cotangent` as `lax.optimization_barrier`s (`pallas_tpu.hold`).
@@ -19,6 +20,7 @@ TABLE = dataclasses.replace(
   ops.get("xla"),
   name="pallas_tpu",
   spike_merge_conv=merge.spike_merge_conv,
+  lif_spike_merge=merge.lif_spike_merge,
   depthwise_conv2d=dwconv.depthwise_conv2d_per_multiplier,
   materialize=hold.materialize,
   materialize_cotangent=hold.materialize_cotangent,

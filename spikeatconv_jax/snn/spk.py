@@ -24,9 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from spikeatconv_jax.layers import common
+from spikeatconv_jax.layers import common, ops
 from spikeatconv_jax.layers.dwconv import DepthwiseConv
 from spikeatconv_jax.layers.remat import name_spikes  # kept by model.remat_policy="save_spikes"
+from spikeatconv_jax.snn import lif as lif_lib
 from spikeatconv_jax.snn.lif import lif_multithreshold
 
 Dtype = Any
@@ -123,6 +124,17 @@ class SPK(nn.Module):
       return tuple(reduce(s.astype(jnp.float32), axis=0, keepdims=True).astype(x.dtype) for s in ss)
     return self._lif_steps(x, v_thresholds)
 
+  def _lif_params(self, v_thresholds) -> lif_lib.LIFParams:
+    return lif_lib.make_params(
+      tau=self.tau,
+      v_threshold=tuple(v_thresholds),
+      v_reset=self.v_reset,
+      decay_input=self.decay_input,
+      detach_reset=self.detach_reset,
+      surrogate=self.surrogate,
+      alpha=self.alpha,
+    )
+
   def _lif_steps(self, x, v_thresholds):
     return lif_multithreshold(
       # The input gradient sums the K neurons' gradients and feeds the norm backward before it.
@@ -208,15 +220,20 @@ class SPK(nn.Module):
         return rates, count, None
       t, b, h, w, c = x.shape
       # Z = Σ_k DW7_k(S_k): the grouped conv K*C -> C with groups=C of DESIGN.md §3, fed the K
-      # spike trains as a sequence (`layers.ops` spike_merge_conv).
-      z = DepthwiseConv(
+      # spike trains as a sequence (`layers.ops` spike_merge_conv), or at T=1, where the table
+      # has the fused form, made from the LIF input itself (`lif_spike_merge`).
+      conv = DepthwiseConv(
         7,
         use_bias=False,
         sum_branches=len(trains),
         dtype=mdl.dtype,
         param_dtype=mdl.param_dtype,
         name="merge_dw",
-      )([s_k.reshape(t * b, h, w, c) for s_k in trains])
+      )
+      if t == 1 and n == 1 and ops.current().lif_spike_merge is not None:
+        z = conv(x.reshape(b, h, w, c), lif=mdl._lif_params(th))
+      else:
+        z = conv([s_k.reshape(t * b, h, w, c) for s_k in trains])
       return rates, count, z / n if n > 1 else z  # the merge of the rates: the conv is linear
 
     if merge:
