@@ -219,7 +219,8 @@ def analyse(compiled, chip, images_per_chip: float, seconds: float, top: int, du
     "mfu": c["flops"] / step_s / chip.peak_bf16_flops if step_s else None,
     "census": hardware.census(text),
     # XLA counts a while body once: with a loop of more than one trip the figures above are low.
-    "loops_counted_once": sorted(n for n in hardware.loop_trip_counts(text) if n != 1),
+    # (Loops of unknown trip count, e.g. Mixup's Beta sampling, are scalar work: not listed.)
+    "loops_counted_once": sorted(n for n in hardware.loop_trip_counts(text) if n > 1),
   }
   if top:
     out["top_fusions"] = hardware.top_ops(text, top)
@@ -470,7 +471,10 @@ def main(argv) -> None:
     "programs": [],
   }
   opts = types.SimpleNamespace(
-    **{k: FLAGS[k].value for k in ("mesh", "global_batch", "eval", "top_fusions", "dump_hlo")}
+    **{
+      k: FLAGS[k].value
+      for k in ("mesh", "global_batch", "eval", "top_fusions", "dump_hlo", "unroll")
+    }
   )
   for name, c in programs:
     print(f"compiling {name} for {FLAGS.topology} ...", file=sys.stderr, flush=True)
