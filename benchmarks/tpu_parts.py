@@ -4,14 +4,14 @@ r"""Where a train step's HBM bytes go on TPU: each part of the model compiled al
   TPU_SKIP_MDS_QUERY=1 .venv/bin/python benchmarks/tpu_parts.py --variant tiny --spk mbpl \
       --parts s1.conv,s1.attn --chip v5e
 
-Each part (the stem, each stage's entry ConvBranch, a repeated ConvBranch, grid attention, FFN,
-the head) is built with the model's own modules and config (`configs/common.model_config`),
-and its forward plus backward (gradients of the parameters and the input, batch statistics
-updated) is compiled by XLA:TPU for one chip of `--chip` at `--batch` images, bf16, under the
-hook table TPUs run. Nothing runs: XLA:TPU's cost model gives flops and bytes. A part's total
-multiplies its per-image figures by how often the model has it; the sum leaves out the
-optimizer update, the loss and the collectives of the real step (`scripts/compile_tpu.py`
-compiles that). Prints a table, then ONE JSON line.
+Each part (the stem, each stage's entry ConvBranch, a repeated ConvBranch, grid attention, FFN)
+is built with the model's own modules and config (`configs/common.model_config`), and its
+forward plus backward (gradients of the parameters and the input, batch statistics updated;
+the output's cotangent an argument) is compiled by XLA:TPU for one chip of `--chip` at
+`--batch` images, bf16, under the hook table TPUs run. Nothing runs: XLA:TPU's cost model gives
+flops and bytes. A part's total multiplies its per-image figures by how often the model has it;
+the sum leaves out the head, the optimizer update, the loss and the collectives of the real
+step (`scripts/compile_tpu.py` compiles that). Prints a table, then ONE JSON line.
 """
 
 from __future__ import annotations
@@ -76,11 +76,11 @@ def compile_part(module, shape, device, kernels: str, top: int = 0):
   abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
   variables = jax.tree_util.tree_map(abstract, variables)
 
-  def step(variables, x):
+  def f(variables, x):
     params = variables["params"]
     rest = {k: v for k, v in variables.items() if k != "params"}
 
-    def f(params, x):
+    def apply(params, x):
       with ops.use(kernels):
         return module.apply(
           {"params": params, **rest},
@@ -90,11 +90,19 @@ def compile_part(module, shape, device, kernels: str, top: int = 0):
           rngs={"dropout": jax.random.PRNGKey(1)},
         )
 
-    y, vjp, updates = jax.vjp(f, params, x, has_aux=True)
-    return vjp(jnp.ones_like(y)), updates
+    return params, apply
+
+  def step(variables, x, g):
+    params, apply = f(variables, x)
+    y, vjp, updates = jax.vjp(apply, params, x, has_aux=True)
+    return vjp(g), updates
+
+  # The output's cotangent is an argument (a constant one would let XLA fold the backward).
+  y_shape = jax.eval_shape(lambda v, x: f(v, x)[1](v["params"], x)[0], variables, x)
+  g = abstract(y_shape)
 
   t0 = time.perf_counter()
-  compiled = jax.jit(step).lower(variables, abstract(x)).compile()
+  compiled = jax.jit(step).lower(variables, abstract(x), g).compile()
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   if top:

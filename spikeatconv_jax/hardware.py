@@ -183,19 +183,42 @@ def census(text: str) -> dict:
   }
 
 
+_CONST = re.compile(r"^(-?\d+)\)")
+_LT = re.compile(r"^%?([\w.\-]+), %?([\w.\-]+)\), direction=LT")
+
+
+def _trip_count(rest: str, comps: dict) -> int:
+  """A while loop's trip count: XLA's `known_trip_count`, else a condition `i < N` on a counter
+  (how XLA:TPU leaves a scan's loop), else 0 (unknown)."""
+  trip = _TRIP.search(rest)
+  if trip:
+    return int(trip.group(1))
+  cond = re.search(r"condition=%?([\w.\-]+)", rest)
+  instrs = comps.get(cond.group(1), []) if cond else []
+  consts = {}
+  for name, rtype, op, r in instrs:
+    m = _CONST.match(r) if op == "constant" and rtype.startswith("s32[]") else None
+    if m:
+      consts[name] = int(m.group(1))
+  compares = [m for _, _, op, r in instrs if op == "compare" and (m := _LT.match(r))]
+  if len(compares) == 1 and compares[0].group(2) in consts:
+    return consts[compares[0].group(2)]
+  return 0
+
+
 def loop_trip_counts(text: str) -> list[int]:
-  """The known trip counts of the optimized module's while loops (0 where not known).
+  """The trip counts of the optimized module's while loops (0 where not known).
 
   XLA's cost analysis (`compiled.cost_analysis()`) counts a while loop's body once, whatever
   its trip count: a program with loops reports less than it runs."""
+  comps = parse_hlo(text)
   out = []
-  for name, instrs in parse_hlo(text).items():
+  for name, instrs in comps.items():
     if name == "__entry__":
       continue
     for _, _, opcode, rest in instrs:
       if opcode == "while":
-        trip = _TRIP.search(rest)
-        out.append(int(trip.group(1)) if trip else 0)
+        out.append(_trip_count(rest, comps))
   return out
 
 
@@ -211,11 +234,11 @@ def top_ops(text: str, n: int) -> list[dict]:
       if opcode == "fusion":
         fused.update(re.findall(r"calls=%?([\w.\-]+)", rest))
       elif opcode == "while":
-        trip = _TRIP.search(rest)
+        trip = _trip_count(rest, comps) or 1
         for key in ("body", "condition"):
           m = re.search(key + r"=%?([\w.\-]+)", rest)
           if m:
-            edges.append((name, m.group(1), int(trip.group(1)) if trip else 1))
+            edges.append((name, m.group(1), trip))
       else:
         for callee in re.findall(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", rest):
           edges.append((name, callee, 1))

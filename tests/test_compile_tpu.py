@@ -48,6 +48,36 @@ def test_census_counts_ops_in_every_computation():
   assert c["collectives"]["all-reduce"] == 1 and c["while_loops"] == 1 and c["fusions"] == 1
 
 
+_TPU_LOOP = """\
+HloModule jit_scan
+
+%cond.5 (arg: (s32[], bf16[8])) -> pred[] {
+  %constant.94 = s32[]{:T(128)} constant(5)
+  %arg = (s32[]{:T(128)}, bf16[8]{0}) parameter(0)
+  %gte = s32[]{:T(128)} get-tuple-element((s32[]{:T(128)}, bf16[8]{0}) %arg), index=0
+  ROOT %lt.7 = pred[]{:T(512)} compare(%gte, %constant.94), direction=LT, metadata={op_name="w"}
+}
+
+%body.4 (arg: (s32[], bf16[8])) -> (s32[], bf16[8]) {
+  %arg = (s32[]{:T(128)}, bf16[8]{0}) parameter(0)
+  %y = bf16[8]{0} get-tuple-element((s32[]{:T(128)}, bf16[8]{0}) %arg), index=1
+  %e = bf16[8]{0} exponential(bf16[8]{0} %y)
+  ROOT %t = (s32[], bf16[8]{0}) tuple(s32[] %i, bf16[8]{0} %e)
+}
+
+ENTRY %main () -> f32[] {
+  %w = (s32[]{:T(128)}, bf16[8]{0}) while((s32[], bf16[8]{0}) %init), condition=%cond.5, body=%body.4
+  ROOT %r = f32[] constant(0)
+}
+"""  # noqa: E501
+
+
+def test_loop_trip_counts_read_a_counter_condition():
+  # XLA:TPU's optimized scans carry no known_trip_count: the condition is `i < 5`.
+  assert hardware.loop_trip_counts(_TPU_LOOP) == [5]
+  assert hardware.top_ops(_TPU_LOOP, 1)[0]["trips"] == 5
+
+
 def test_loop_trip_counts_list_every_while_loop():
   # XLA's cost analysis counts this body once though it runs three times.
   assert hardware.loop_trip_counts(_HLO) == [3]
