@@ -77,7 +77,7 @@ def compile_part(module, shape, device, kernels: str, top: int = 0):
   variables = jax.tree_util.tree_map(abstract, variables)
 
   def f(variables, x):
-    params = variables["params"]
+    params = variables.get("params", {})
     rest = {k: v for k, v in variables.items() if k != "params"}
 
     def apply(params, x):
@@ -98,7 +98,7 @@ def compile_part(module, shape, device, kernels: str, top: int = 0):
     return vjp(g), updates
 
   # The output's cotangent is an argument (a constant one would let XLA fold the backward).
-  y_shape = jax.eval_shape(lambda v, x: f(v, x)[1](v["params"], x)[0], variables, x)
+  y_shape = jax.eval_shape(lambda v, x: f(v, x)[1](v.get("params", {}), x)[0], variables, x)
   g = abstract(y_shape)
 
   t0 = time.perf_counter()

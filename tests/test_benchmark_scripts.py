@@ -234,3 +234,20 @@ def test_lif_benchmark_times_a_git_revision_alongside():
   )
   assert bad.returncode != 0 and "--against no-such-revision" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_tpu_parts_cover_every_block_of_the_model():
+  # benchmarks/tpu_parts.py: each stage's entry branch once, the other branches, attentions and
+  # FFNs as often as the model has them, on the maps the model feeds them (no compile here).
+  spec = importlib.util.spec_from_file_location("tpu_parts", REPO / "benchmarks" / "tpu_parts.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  cfg = model_config(variant="tiny", spk="mbpl", attention="sisa")
+  parts = {name: (shape, count) for name, _, shape, count in bench.parts(cfg, 224, 8)}
+  depths = (1, 3, 6, 1)
+  assert parts["stem"] == ((8, 224, 224, 3), 1)
+  assert parts["s0.entry"] == ((1, 8, 112, 112, 64), 1)
+  assert parts["s2.conv"] == ((1, 8, 14, 14, 256), 5) and "s0.conv" not in parts
+  for s, d in enumerate(depths):
+    assert parts[f"s{s}.attn"][1] == parts[f"s{s}.ffn"][1] == d
+    assert parts[f"s{s}.entry"][1] + parts.get(f"s{s}.conv", (None, 0))[1] == d
