@@ -208,6 +208,8 @@ class SPK(nn.Module):
     merge = self.mbpl_merge != "sum"
     if merge and x.ndim != 5:
       raise ValueError(f"MBPL merge {self.mbpl_merge!r} needs [T, B, H, W, C], got {x.shape}")
+    # At T=1 a table may make the merge from the LIF input itself (`lif_spike_merge`).
+    fused = merge and x.shape[0] == 1 and n == 1 and ops.current().lif_spike_merge is not None
 
     def spikes_and_merge(mdl, x):
       # Spike trains; under neuron_timesteps n > 1, spike counts over the n steps (the merge
@@ -230,14 +232,15 @@ class SPK(nn.Module):
         param_dtype=mdl.param_dtype,
         name="merge_dw",
       )
-      if t == 1 and n == 1 and ops.current().lif_spike_merge is not None:
+      if fused:
         z = conv(x.reshape(b, h, w, c), lif=mdl._lif_params(th))
       else:
         z = conv([s_k.reshape(t * b, h, w, c) for s_k in trains])
       return rates, count, z / n if n > 1 else z  # the merge of the rates: the conv is linear
 
-    if merge:
-      # The merge conv's backward needs the spikes: the table may recompute them from x.
+    if merge and not fused:
+      # The merge conv's backward needs the spikes: the table may recompute them from x. (The
+      # fused form keeps x itself.)
       spikes_and_merge = common.recompute_spikes(spikes_and_merge)
     rates, count, z = spikes_and_merge(self, x)
     self.sow("spikes", "rate", rates)
