@@ -64,4 +64,7 @@ def test_tpu_table_takes_these_forms():
   assert table.depthwise_conv2d is dwconv.depthwise_conv2d_per_multiplier
   assert table.materialize is hold.materialize
   assert table.materialize_cotangent is hold.materialize_cotangent
+  assert table.materialize_heads is hold.materialize
+  assert ops.get("xla").materialize_heads(1.0) == 1.0
+  assert ops.get("xla_cpu").materialize_heads is ops.get("xla").materialize_heads
   assert ops.get("xla").depthwise_conv2d is dwconv.depthwise_conv2d_lax

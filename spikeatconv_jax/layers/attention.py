@@ -178,9 +178,10 @@ class Attention(nn.Module):
       q, k, v = qkv
 
     def heads_of(z):  # [T, B, H, W, C] -> [G, N, h, d]
-      # Held before and after the partition's transposes: each side computed once, in its
-      # own layout (the norm and LIF before them are not fused into the score products).
-      z = common.materialize(partition(common.fold(common.materialize(z)), p, self.partition))
+      # Held before the partition's transposes and (where the table says) after them: each
+      # side computed once, in its own layout, not fused into the score products.
+      z = partition(common.fold(common.materialize(z)), p, self.partition)
+      z = common.materialize_heads(z)
       return z.reshape(z.shape[0], z.shape[1], heads, self.head_dim)
 
     bias = RelativePositionBias(heads, p, name="rel_pos")()

@@ -78,6 +78,11 @@ def materialize(x: jax.Array) -> jax.Array:
   return ops.current().materialize(x)
 
 
+def materialize_heads(x: jax.Array) -> jax.Array:
+  """The identity; attention's partitioned q/k/v, where a table may hold them (`ops` hook)."""
+  return ops.current().materialize_heads(x)
+
+
 def materialize_cotangent(x: jax.Array) -> jax.Array:
   """The identity; marks the cotangent of `x` to be computed once into its own buffer, e.g. a
   LIF input whose gradient sums several branches (`ops` hook)."""

@@ -41,6 +41,10 @@ Hooks (see `Ops`):
       cotangent; the second: only its cotangent) should be computed once into its own buffer,
       e.g. an SPK output before attention's partition transposes, or a LIF's input whose
       gradient sums K branches. Portable: the identity; a backend may hold the value there.
+  materialize_heads(x)
+      The identity, on attention's q/k/v right after the partition (before the score
+      products): where a backend may hold them (value and cotangent). Portable and XLA:CPU:
+      the identity.
   sum_leading(x) -> jnp.sum(x, axis=0)
   repeat_time(x, t) -> x broadcast to [t, *x.shape]
   add_broadcast(x, b) -> x + b (b broadcast over x's leading axes, in x's dtype)
@@ -79,6 +83,10 @@ from jax import lax
 KERNELS = ("auto", "xla", "xla_cpu", "pallas_tpu")
 
 
+def _identity(x: jax.Array) -> jax.Array:
+  return x
+
+
 @dataclasses.dataclass(frozen=True)
 class Ops:
   """One table of hooks (see the module docstring for each contract)."""
@@ -98,14 +106,11 @@ class Ops:
   batch_norm: Callable[..., nn.Module] = nn.BatchNorm
   recompute_spikes: Callable[[Callable], Callable] = lambda fn: fn
   lif_spike_merge: Callable | None = None
+  materialize_heads: Callable = _identity
 
 
 def _recompute_spikes(fn: Callable) -> Callable:
   return nn.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
-
-
-def _identity(x: jax.Array) -> jax.Array:
-  return x
 
 
 def _sum_leading(x: jax.Array) -> jax.Array:

@@ -4,7 +4,8 @@
   LIF before it (`lif_spike_merge`: the kernels make the spikes from the LIF input);
 - the depthwise conv with a channel multiplier (stage entries) as one depthwise conv per
   multiplier (`dwconv.depthwise_conv2d_per_multiplier`);
-- `materialize` / `materialize_cotangent` as `lax.optimization_barrier`s (`pallas_tpu.hold`).
+- `materialize` / `materialize_cotangent` / `materialize_heads` as `lax.optimization_barrier`s
+  (`pallas_tpu.hold`).
 
 Loaded by `ops.get("pallas_tpu")` on first use.
 """
@@ -24,4 +25,5 @@ TABLE = dataclasses.replace(
   depthwise_conv2d=dwconv.depthwise_conv2d_per_multiplier,
   materialize=hold.materialize,
   materialize_cotangent=hold.materialize_cotangent,
+  materialize_heads=hold.materialize,
 )
