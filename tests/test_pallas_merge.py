@@ -126,6 +126,15 @@ def _composed(lif):
   return f
 
 
+def _check_fused(lif, x, kernel, g):
+  fused = lambda x, k: merge.lif_spike_merge(x, k, (1, 1), lif, interpret=True)  # noqa: E731
+  want = _value_and_grads(_composed(lif), x, kernel, g)
+  got = _value_and_grads(fused, x, kernel, g)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-4)
+  for a, b in zip(got[1], want[1], strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
   "shape,lif_kw",
   [
@@ -138,12 +147,7 @@ def _composed(lif):
 def test_fused_lif_merge_matches_the_lif_and_the_merge(shape, lif_kw):
   lif = lif_lib.make_params(**lif_kw)
   x, kernel, g = _lif_case(*shape, len(lif.v_thresholds))
-  fused = lambda x, k: merge.lif_spike_merge(x, k, (1, 1), lif, interpret=True)  # noqa: E731
-  want = _value_and_grads(_composed(lif), x, kernel, g)
-  got = _value_and_grads(fused, x, kernel, g)
-  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-4)
-  for a, b in zip(got[1], want[1], strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  _check_fused(lif, x, kernel, g)
 
 
 def test_fused_lif_merge_in_row_bands_never_fires_in_the_padding(monkeypatch):
@@ -152,12 +156,7 @@ def test_fused_lif_merge_in_row_bands_never_fires_in_the_padding(monkeypatch):
   x, kernel, g = _lif_case(1, 16, 8, 8, 2)
   monkeypatch.setattr(merge, "VMEM_BUDGET", merge.vmem_estimate(4, 8, 8, 7, 4, True, lif=True))
   assert merge.plan(x.shape, kernel.shape, (1, 1), jnp.float32, lif=True) == merge.Plan(4, True)
-  fused = lambda x, k: merge.lif_spike_merge(x, k, (1, 1), lif, interpret=True)  # noqa: E731
-  want = _value_and_grads(_composed(lif), x, kernel, g)
-  got = _value_and_grads(fused, x, kernel, g)
-  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-4)
-  for a, b in zip(got[1], want[1], strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  _check_fused(lif, x, kernel, g)
 
 
 def test_fused_lif_merge_falls_back_where_no_plan():

@@ -179,6 +179,26 @@ def _forward_kernel(x_ref, w_ref, *refs, ksize, h, w, rows, banded, lif=None):
     o_ref[0] = acc_ref[...].astype(o_ref.dtype)
 
 
+def _transposed_taps(gpad_ref, xpad_ref, w_ref, dwacc_ref, h0, *, rows, w, ksize):
+  """For `rows` output rows from h0: the branch's input cotangent (returned, float32), and each
+  tap's kernel-gradient partial added to dwacc_ref (summed over rows; columns at the end).
+
+  y[i, j] = Σ_ab w[a, b] x[i + a - p, j + b - p], so dx[i, j] = Σ_ab w[a, b] g[i - a + p,
+  j - b + p] and dw[a, b] = Σ_ij g[i, j] x[i + a - p, j + b - p] (scratch row r holds input
+  row r - p of the band)."""
+  p = ksize // 2
+  g = gpad_ref[pl.ds(h0 + p, rows), p : p + w, :]
+  dx = jnp.zeros(g.shape, jnp.float32)
+  for a in range(ksize):
+    for b in range(ksize):
+      t = a * ksize + b
+      tap = w_ref[0, t : t + 1, :].astype(jnp.float32)
+      dx = dx + gpad_ref[pl.ds(h0 + 2 * p - a, rows), 2 * p - b : 2 * p - b + w, :] * tap
+      win = xpad_ref[pl.ds(h0 + a, rows), b : b + w, :]
+      dwacc_ref[t] = dwacc_ref[t] + jnp.sum(g * win, axis=0)
+  return dx
+
+
 def _backward_kernel(
   x_ref, g_ref, w_ref, dx_ref, dw_ref, gpad_ref, xpad_ref, dwacc_ref, *, ksize, h, w, rows, banded
 ):
@@ -195,18 +215,7 @@ def _backward_kernel(
 
   def step(i, carry):
     h0 = pl.multiple_of(i * rows, rows)
-    g = gpad_ref[pl.ds(h0 + p, rows), p : p + w, :]
-    dx = jnp.zeros(g.shape, jnp.float32)
-    for a in range(ksize):
-      for b in range(ksize):
-        t = a * ksize + b
-        tap = w_ref[0, t : t + 1, :].astype(jnp.float32)
-        # y[i, j] = Σ_ab w[a, b] x[i + a - p, j + b - p], so dx[i, j] = Σ_ab w[a, b] g[i - a + p,
-        # j - b + p] and dw[a, b] = Σ_ij g[i, j] x[i + a - p, j + b - p] (scratch row r holds
-        # input row r - p of the band).
-        dx = dx + gpad_ref[pl.ds(h0 + 2 * p - a, rows), 2 * p - b : 2 * p - b + w, :] * tap
-        win = xpad_ref[pl.ds(h0 + a, rows), b : b + w, :]
-        dwacc_ref[t] = dwacc_ref[t] + jnp.sum(g * win, axis=0)  # rows now, columns at the end
+    dx = _transposed_taps(gpad_ref, xpad_ref, w_ref, dwacc_ref, h0, rows=rows, w=w, ksize=ksize)
     dx_ref[0, 0, pl.ds(h0, rows), :, :] = dx.astype(dx_ref.dtype)
     return carry
 
@@ -236,15 +245,7 @@ def _backward_lif_kernel(
 
   def step(i, carry):
     h0 = pl.multiple_of(i * rows, rows)
-    g = gpad_ref[pl.ds(h0 + p, rows), p : p + w, :]
-    ds = jnp.zeros(g.shape, jnp.float32)
-    for a in range(ksize):
-      for b in range(ksize):
-        t = a * ksize + b
-        tap = w_ref[0, t : t + 1, :].astype(jnp.float32)
-        ds = ds + gpad_ref[pl.ds(h0 + 2 * p - a, rows), 2 * p - b : 2 * p - b + w, :] * tap
-        win = xpad_ref[pl.ds(h0 + a, rows), b : b + w, :]
-        dwacc_ref[t] = dwacc_ref[t] + jnp.sum(g * win, axis=0)
+    ds = _transposed_taps(gpad_ref, xpad_ref, w_ref, dwacc_ref, h0, rows=rows, w=w, ksize=ksize)
     if banded:
       x = x_ref[pl.ds(h0 + p, rows), p : p + w, :]
     else:
