@@ -381,18 +381,25 @@ def _forward_call(x8: jax.Array, wt: jax.Array, *, interpret: bool = False):
     bytes_accessed=lay.steps() * (lay.in_block_bytes(1) + lay.taps * lay.cb * item)
     + n * h * w * c * item,
   )
+  call = _forward_pallas(lay, [lay.map_spec(True), lay.tap_spec()], wt.dtype, cost, interpret,
+                         "spike_merge_fwd")  # fmt: skip
+  return call(lay.pad(x8), wt)
+
+
+def _forward_pallas(lay, in_specs, dtype, cost, interpret, name, **static):
+  """The forward kernel's pallas_call on `lay` (static: `_forward_kernel`'s keywords)."""
   return pl.pallas_call(
-    lay.bind(_forward_kernel),
+    lay.bind(_forward_kernel, **static),
     grid=lay.grid,
-    in_specs=[lay.map_spec(True), lay.tap_spec()],
+    in_specs=in_specs,
     out_specs=lay.out_spec(False),
-    out_shape=jax.ShapeDtypeStruct((n, h, w, c), wt.dtype),
-    scratch_shapes=lay.scratch(1) + [pltpu.VMEM((lay.plan.band, w, lay.cb), jnp.float32)],
+    out_shape=jax.ShapeDtypeStruct((lay.n, lay.h, lay.w, lay.c), dtype),
+    scratch_shapes=lay.scratch(1) + [pltpu.VMEM((lay.plan.band, lay.w, lay.cb), jnp.float32)],
     compiler_params=lay.params(),
     cost_estimate=cost,
     interpret=interpret,
-    name="spike_merge_fwd",
-  )(lay.pad(x8), wt)
+    name=name,
+  )
 
 
 def _backward_call(x8: jax.Array, g: jax.Array, wt: jax.Array, *, interpret: bool = False):
@@ -530,18 +537,9 @@ def _lif_forward_call(x, wt, th, *, lif, interpret=False):
     + lay.steps() * (lay.taps + 1) * lay.cb * item
     + n * h * w * c * item,
   )
-  return pl.pallas_call(
-    lay.bind(_forward_kernel, lif=lif),
-    grid=lay.grid,
-    in_specs=[lay.map_spec(False), lay.tap_spec(), lay.threshold_spec()],
-    out_specs=lay.out_spec(False),
-    out_shape=jax.ShapeDtypeStruct((n, h, w, c), wt.dtype),
-    scratch_shapes=lay.scratch(1) + [pltpu.VMEM((lay.plan.band, w, lay.cb), jnp.float32)],
-    compiler_params=lay.params(),
-    cost_estimate=cost,
-    interpret=interpret,
-    name="lif_merge_fwd",
-  )(_pad_never_fires(lay, x), wt, th)
+  specs = [lay.map_spec(False), lay.tap_spec(), lay.threshold_spec()]
+  call = _forward_pallas(lay, specs, wt.dtype, cost, interpret, "lif_merge_fwd", lif=lif)
+  return call(_pad_never_fires(lay, x), wt, th)
 
 
 def _lif_backward_call(x, g, wt, th, *, lif, interpret=False):
