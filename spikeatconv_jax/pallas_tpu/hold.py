@@ -1,10 +1,11 @@
-"""The TPU table's `materialize` / `materialize_cotangent`: `lax.optimization_barrier`s.
+"""The TPU table's `materialize` / `materialize_cotangent` / `materialize_heads`:
+`lax.optimization_barrier`s.
 
-XLA:TPU fuses a cheap producer (a norm's normalisation and casts, the grid partition's
-transposes) into the operands of the dot or convolution that consumes it; its cost model then
-counts the producer's inputs once per operand tile the dot reads. In grid attention the
-BatchNorm'd q, k, v and their cotangents went that way: held by a barrier, each is computed
-once into its own buffer (notes/2026-12-05-tpu-parts.md).
+Without them XLA:TPU fused the BatchNorm'd q, k, v of grid attention (and, backward, their
+float32 cotangents) and the partition's transposes into the operands of the score products,
+and its cost model counted several times the bytes of computing each once into a buffer
+(notes/2026-12-05-tpu-parts.md). A barrier on the value, and in the backward on its cotangent,
+keeps each a buffer of its own.
 """
 
 from __future__ import annotations

@@ -239,9 +239,9 @@ class SPK(nn.Module):
       return rates, count, z / n if n > 1 else z  # the merge of the rates: the conv is linear
 
     if merge:
-      # The merge conv's backward needs the spikes: the table may recompute them from x. (With
-      # the fused form the count's LIF is recomputed too: a whole tiny step on v5e moved 2 %
-      # more bytes per image without it.)
+      # The merge conv's backward needs the spikes: the table may recompute them from x. The
+      # fused form keeps only x itself, but the count's LIF is then recomputed too, which keeps
+      # less between the passes than saving its outputs.
       spikes_and_merge = common.recompute_spikes(spikes_and_merge)
     rates, count, z = spikes_and_merge(self, x)
     self.sow("spikes", "rate", rates)
