@@ -152,6 +152,7 @@ def test_compiles_nano_for_one_v5e_chip(tmp_path):
     assert step["roofline_step_s"] > 0 and step["img_per_s_per_chip"] > 0
     assert 0 < step["mfu"] <= 1 and step["compile_s"] > 0
     assert step["census"]["convolutions"] > 0 and step["census"]["fusions"] > 0
+    assert step["loops_counted_once"] == []  # nano has one block a stage: no block loops
     # The program is XLA:TPU's: none of the project's XLA:CPU custom calls (native depthwise
     # kernels, fusion barriers) is in it.
     targets = step["census"]["custom_calls"]
