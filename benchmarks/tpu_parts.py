@@ -66,43 +66,39 @@ def parts(cfg, image_size: int, batch: int) -> list[tuple[str, object, tuple, in
 
 def compile_part(module, shape, device, kernels: str, top: int = 0):
   sharding = jax.sharding.SingleDeviceSharding(device)
-  x = jnp.zeros(shape, jnp.bfloat16 if len(shape) == 5 else jnp.float32)
+  dtype = jnp.bfloat16 if len(shape) == 5 else jnp.float32  # maps in the model; images
+  abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
+  x = abstract(jax.ShapeDtypeStruct(shape, dtype))
 
-  def init():
+  def init(x):
     with ops.use(kernels):
       return module.init(jax.random.PRNGKey(0), x, train=False)
 
-  variables = jax.eval_shape(init)
-  abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)  # noqa: E731
-  variables = jax.tree_util.tree_map(abstract, variables)
+  variables = jax.tree_util.tree_map(abstract, jax.eval_shape(init, x))
 
-  def f(variables, x):
-    params = variables.get("params", {})
-    rest = {k: v for k, v in variables.items() if k != "params"}
+  def split(variables):
+    return variables.get("params", {}), {k: v for k, v in variables.items() if k != "params"}
 
-    def apply(params, x):
-      with ops.use(kernels):
-        return module.apply(
-          {"params": params, **rest},
-          x,
-          train=True,
-          mutable=["batch_stats", "spikes"],
-          rngs={"dropout": jax.random.PRNGKey(1)},
-        )
-
-    return params, apply
+  def forward(params, rest, x):
+    with ops.use(kernels):
+      return module.apply(
+        {"params": params, **rest},
+        x,
+        train=True,
+        mutable=["batch_stats", "spikes"],
+        rngs={"dropout": jax.random.PRNGKey(1)},
+      )
 
   def step(variables, x, g):
-    params, apply = f(variables, x)
-    y, vjp, updates = jax.vjp(apply, params, x, has_aux=True)
+    params, rest = split(variables)
+    y, vjp, updates = jax.vjp(lambda p, x: forward(p, rest, x), params, x, has_aux=True)
     return vjp(g), updates
 
   # The output's cotangent is an argument (a constant one would let XLA fold the backward).
-  y_shape = jax.eval_shape(lambda v, x: f(v, x)[1](v.get("params", {}), x)[0], variables, x)
-  g = abstract(y_shape)
+  g = abstract(jax.eval_shape(lambda v, x: forward(*split(v), x)[0], variables, x))
 
   t0 = time.perf_counter()
-  compiled = jax.jit(step).lower(variables, abstract(x), g).compile()
+  compiled = jax.jit(step).lower(variables, x, g).compile()
   ca = compiled.cost_analysis()
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   if top:

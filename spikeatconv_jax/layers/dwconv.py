@@ -330,31 +330,29 @@ class DepthwiseConv(nn.Module):
     nb = self.sum_branches
     ks = self.kernel_size
     strides = (self.strides,) * 2
-    if lif is not None:
-      fused = ops.current().lif_spike_merge
-      if nb == 1 or fused is None or len(lif.v_thresholds) != nb:
-        raise ValueError(
-          f"a merge from the LIF input needs sum_branches={len(lif.v_thresholds)} and a table "
-          f"with lif_spike_merge; got sum_branches={nb}, table {ops.current().name!r}"
-        )
-      c = x.shape[-1]
-      k = self.param("kernel", self.kernel_init, (ks, ks, nb * c, 1), self.param_dtype)
-      kb = k.reshape(ks, ks, nb, c).astype(self.dtype)
-      y = fused(x.astype(self.dtype), kb, strides, lif)
-    elif nb == 1:
+    if nb == 1 and lif is None:
       c = x.shape[-1]
       k = self.param("kernel", self.kernel_init, (ks, ks, c, self.multiplier), self.param_dtype)
       y = depthwise_conv2d(x.astype(self.dtype), k.astype(self.dtype), strides)
     else:
-      if isinstance(x, jax.Array) or len(x) != nb or self.multiplier != 1:
+      from_input = ops.current().lif_spike_merge
+      if lif is not None and (nb == 1 or from_input is None or len(lif.v_thresholds) != nb):
+        raise ValueError(
+          f"a merge from the LIF input needs sum_branches={len(lif.v_thresholds)} and a table "
+          f"with lif_spike_merge; got sum_branches={nb}, table {ops.current().name!r}"
+        )
+      if lif is None and (isinstance(x, jax.Array) or len(x) != nb or self.multiplier != 1):
         raise ValueError(
           f"sum_branches={nb} wants a sequence of {nb} branches [N, H, W, C] and multiplier 1; "
           f"got {type(x).__name__} of length {len(x)}, multiplier {self.multiplier}"
         )
-      c = x[0].shape[-1]
+      c = (x if lif is not None else x[0]).shape[-1]
       k = self.param("kernel", self.kernel_init, (ks, ks, nb * c, 1), self.param_dtype)
       kb = k.reshape(ks, ks, nb, c).astype(self.dtype)
-      y = spike_merge_conv([b.astype(self.dtype) for b in x], kb, strides)
+      if lif is not None:
+        y = from_input(x.astype(self.dtype), kb, strides, lif)
+      else:
+        y = spike_merge_conv([b.astype(self.dtype) for b in x], kb, strides)
     if self.use_bias:
       b = self.param("bias", nn.initializers.zeros, (y.shape[-1],), self.param_dtype)
       y = y + b.astype(self.dtype)

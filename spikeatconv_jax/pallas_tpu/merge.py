@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from spikeatconv_jax.layers import dwconv
 from spikeatconv_jax.snn import lif as lif_lib
-from spikeatconv_jax.snn import surrogate
+from spikeatconv_jax.snn.surrogate import surrogate_grad
 
 # Scoped VMEM a call may plan for (the compiler's default limit on v4/v5e/v5p/v6e is 16 MiB).
 VMEM_BUDGET = 14 * 2**20
@@ -133,18 +133,9 @@ def _fill(pad_ref, x_ref, *, p, h, w, banded, fn=None):
     pad_ref[p : p + h, p : p + w, :] = fn(x_ref[(0,) * (x_ref.ndim - 3)].astype(jnp.float32))
 
 
-def _membrane(x, lif):
-  """The pre-spike potential H of a one-step LIF (the first step from V_0), float32 x."""
-  vr = 0.0 if lif.v_reset is None else lif.v_reset
-  v0 = vr if lif.v_reset is not None else 0.0
-  if lif.decay_input:
-    return v0 + (x - (v0 - vr)) / lif.tau
-  return v0 - (v0 - vr) / lif.tau + x
-
-
 def _lif_spikes(lif, th_ref):
   """x -> the branch's spikes Θ(H(x) - V_th) in float32 (V_th from the branch's th block)."""
-  return lambda x: (_membrane(x, lif) - th_ref[0] >= 0).astype(jnp.float32)
+  return lambda x: (lif_lib.first_potential(x, lif) - th_ref[0] >= 0).astype(jnp.float32)
 
 
 def _zero(*refs):
@@ -232,8 +223,7 @@ def _backward_lif_kernel(
   its input cotangent, through the surrogate, accumulates into one x cotangent over branches."""
   kk = pl.program_id(3)
   p, taps = ksize // 2, ksize * ksize
-  grad = surrogate.get_surrogate(lif.surrogate).grad
-  dh_dx = 1.0 / lif.tau if lif.decay_input else 1.0
+  dh_dx = lif_lib.potential_gain(lif)
 
   @pl.when(kk == 0)
   def _():
@@ -250,8 +240,8 @@ def _backward_lif_kernel(
       x = x_ref[pl.ds(h0 + p, rows), p : p + w, :]
     else:
       x = x_ref[0, pl.ds(h0, rows), :, :]
-    u = _membrane(x.astype(jnp.float32), lif) - th_ref[0]
-    dxacc_ref[pl.ds(h0, rows), :, :] += ds * (grad(u, lif.alpha) * dh_dx)
+    u = lif_lib.first_potential(x.astype(jnp.float32), lif) - th_ref[0]
+    dxacc_ref[pl.ds(h0, rows), :, :] += ds * (surrogate_grad(u, lif.surrogate, lif.alpha) * dh_dx)
     return carry
 
   jax.lax.fori_loop(0, h // rows, step, 0)
@@ -322,12 +312,12 @@ class _Layout:
     """The branch's threshold, [K, 1, C] (the same for every channel)."""
     return pl.BlockSpec((1, 1, self.cb), lambda i, j, r, kk: (kk, 0, j))
 
-  def pad(self, x: jax.Array) -> jax.Array:
-    """x [..., H, W, C] zero-padded on H and W for banded plans, else x."""
+  def pad(self, x: jax.Array, value: float = 0.0) -> jax.Array:
+    """x [..., H, W, C] padded with `value` on H and W for banded plans, else x."""
     if not self.plan.banded:
       return x
     p = self.p
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(p, p), (p, p), (0, 0)])
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(p, p), (p, p), (0, 0)], constant_values=value)
 
   def in_block_bytes(self, itemsize: int) -> int:
     band, p = self.plan.band, self.p
@@ -513,16 +503,12 @@ def spike_merge_conv(
 # The fused form: the LIF's spikes made inside the kernels from its input.
 
 
+# Banded plans pad the LIF input with this: no neuron fires there, as outside the map.
+_NEVER_FIRES = -jnp.inf
+
+
 def _thresholds(lif, k: int, c: int) -> jax.Array:
   return jnp.broadcast_to(jnp.asarray(lif.v_thresholds, jnp.float32)[:, None, None], (k, 1, c))
-
-
-def _pad_never_fires(lay: _Layout, x: jax.Array) -> jax.Array:
-  """x padded for a banded plan with -inf: the LIF never fires there (as outside the map)."""
-  if not lay.plan.banded:
-    return x
-  p = lay.p
-  return jnp.pad(x, [(0, 0), (p, p), (p, p), (0, 0)], constant_values=-jnp.inf)
 
 
 def _lif_forward_call(x, wt, th, *, lif, interpret=False):
@@ -539,7 +525,7 @@ def _lif_forward_call(x, wt, th, *, lif, interpret=False):
   )
   specs = [lay.map_spec(False), lay.tap_spec(), lay.threshold_spec()]
   call = _forward_pallas(lay, specs, wt.dtype, cost, interpret, "lif_merge_fwd", lif=lif)
-  return call(_pad_never_fires(lay, x), wt, th)
+  return call(lay.pad(x, _NEVER_FIRES), wt, th)
 
 
 def _lif_backward_call(x, g, wt, th, *, lif, interpret=False):
@@ -577,7 +563,7 @@ def _lif_backward_call(x, g, wt, th, *, lif, interpret=False):
     cost_estimate=cost,
     interpret=interpret,
     name="lif_merge_bwd",
-  )(_pad_never_fires(lay, x), lay.pad(g), wt, th)
+  )(lay.pad(x, _NEVER_FIRES), lay.pad(g), wt, th)
 
 
 def lif_merge_forward(x, kernel, lif, *, interpret: bool = False) -> jax.Array:

@@ -66,9 +66,24 @@ def _reset(h, s, th: float, p: LIFParams):
   return s * p.v_reset + (1.0 - s) * h
 
 
+def _rest(p: LIFParams) -> float:
+  """V_0: V_reset for a hard reset, 0 for a soft one."""
+  return 0.0 if p.v_reset is None else p.v_reset
+
+
 def _v0(x, p: LIFParams):
-  vr = 0.0 if p.v_reset is None else p.v_reset
-  return jnp.full(x.shape[1:], vr, jnp.float32)
+  return jnp.full(x.shape[1:], _rest(p), jnp.float32)
+
+
+def first_potential(x, p: LIFParams):
+  """H_1: the pre-spike potential of the first step from V_0 for input x (float32,
+  elementwise). A one-step neuron fires Θ(H_1 - V_th); kernels that fuse it use this."""
+  return _charge(_rest(p), x, p)
+
+
+def potential_gain(p: LIFParams) -> float:
+  """dH_t/dX_t: 1/tau with decay_input, else 1."""
+  return 1.0 / p.tau if p.decay_input else 1.0
 
 
 def _step(vs, xt, p: LIFParams):
@@ -133,7 +148,7 @@ def _lif_bwd(p: LIFParams, res, gs):
   input read H and their K cotangents once and write one gradient.
   """
   k = 1.0 - 1.0 / p.tau
-  dh_dx = 1.0 / p.tau if p.decay_input else 1.0
+  dh_dx = potential_gain(p)
   ths = p.v_thresholds
   dtype = gs[0].dtype
 
