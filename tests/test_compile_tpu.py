@@ -161,10 +161,10 @@ def test_compiles_nano_for_one_v5e_chip(tmp_path):
     calls = re.findall(r'custom_call_target="([^"]+)"', text)
     assert sorted(set(calls)) == sorted(targets)
     assert not [t for t in calls if "spikeatconv" in t or "barrier" in t.lower()], calls
-    # MBPL's LIFs and merge convs are fused Mosaic calls at T=1 (forward; backward in the train
-    # step), none in the twin.
-    assert targets.get("tpu_custom_call", 0) > 0 and "lif_merge_fwd" in text
-    assert ("lif_merge_bwd" in text) == (kind == "train")
+    # MBPL's LIFs, merge convs and LayerNorms are fused Mosaic calls at T=1 (forward; backward
+    # in the train step), none in the twin.
+    assert targets.get("tpu_custom_call", 0) > 0 and "lif_merge_norm_fwd" in text
+    assert ("lif_merge_norm_bwd" in text) == (kind == "train")
   assert "tpu_custom_call" not in twin["train"]["census"]["custom_calls"]
   # Train: the parameters' gradient and Adam moments make the train step's outputs larger.
   assert program["train"]["hbm"]["outputs_bytes"] > program["eval"]["hbm"]["outputs_bytes"]

@@ -58,6 +58,14 @@ Hooks (see `Ops`):
       None (the portable table): no such form; the SPK block composes the LIF and
       spike_merge_conv. A table may make the spikes where it consumes them (the TPU kernels
       never store them).
+  lif_merge_norm(x [N, H, W, C], kernel [kh, kw, K, C], shift [C], scale [C], bias [C], lif,
+                 epsilon) -> (y [N, H, W, C], rates [K, 1]) or None
+      MBPL's whole T = 1 output: y = Σ_k S_k + LN(Σ_k DW_k(S_k) + shift) ⊙ scale + bias (the
+      merge LayerNorm over C, eps `epsilon`, its affine with γ folded in as
+      `layers.norms.ScaledLayerNorm` folds it), S_k the one-step LIF spikes of x at threshold
+      k (gradient through the surrogate); rates: each branch's mean spike, no gradient. None
+      (the portable table): the SPK block composes the LIF, `lif_spike_merge` and
+      `scaled_layer_norm`.
   recompute_spikes(fn) -> fn'
       fn(module, x, ...) computes spike trains from its input x and what consumes them (MBPL's
       LIFs and merge conv); fn' has the same values and gradients. Portable: a flax checkpoint
@@ -106,6 +114,7 @@ class Ops:
   batch_norm: Callable[..., nn.Module] = nn.BatchNorm
   recompute_spikes: Callable[[Callable], Callable] = lambda fn: fn
   lif_spike_merge: Callable | None = None
+  lif_merge_norm: Callable | None = None
   materialize_heads: Callable = _identity
 
 

@@ -264,10 +264,11 @@ class _Layout:
   c: int
   ksize: int
   plan: Plan
+  whole_channels: bool = False  # one channel block of all C (kernels that reduce over C)
 
   @property
   def cb(self):
-    return _channel_block(self.c)
+    return self.c if self.whole_channels else _channel_block(self.c)
 
   @property
   def p(self):

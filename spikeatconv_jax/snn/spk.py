@@ -238,6 +238,8 @@ class SPK(nn.Module):
         z = conv([s_k.reshape(t * b, h, w, c) for s_k in trains])
       return rates, count, z / n if n > 1 else z  # the merge of the rates: the conv is linear
 
+    if fused and self.mbpl_merge == "dwconv" and ops.current().lif_merge_norm is not None:
+      return self._merge_norm(x, th)
     if merge:
       # The merge conv's backward needs the spikes: the table may recompute them from x. The
       # fused form keeps only x itself, but the count's LIF is then recomputed too, which keeps
@@ -261,6 +263,48 @@ class SPK(nn.Module):
       z = common.scaled_layer_norm(dtype=self.dtype, name="merge_ln")(z, shift=shift, gamma=gamma)
     z = z.reshape(t, b, h, w, c)
     return name_spikes((count + z).astype(dtype))
+
+  def _merge_norm(self, x: jax.Array, th: tuple[float, ...]) -> jax.Array:
+    """MBPL's paper merge at T=1 from the table's `lif_merge_norm`, with the parameters the
+    composed form makes (merge_dw/kernel, merge_bias, merge_gamma, merge_ln/scale and bias)."""
+    _, b, h, w, c = x.shape
+    k = len(th)
+    (kernel,) = _Parameters(
+      (("kernel", DepthwiseConv.kernel_init, (7, 7, k * c, 1)),),
+      param_dtype=self.param_dtype,
+      name="merge_dw",
+    )()
+    shift = self.param("merge_bias", nn.initializers.zeros, (c,), self.param_dtype)
+    gamma = self.param("merge_gamma", nn.initializers.constant(1e-6), (c,), self.param_dtype)
+    scale, bias = _Parameters(
+      (("scale", nn.initializers.ones, (c,)), ("bias", nn.initializers.zeros, (c,))),
+      param_dtype=self.param_dtype,
+      name="merge_ln",
+    )()
+    g = gamma.astype(jnp.float32)  # folded into the LayerNorm's affine, as ScaledLayerNorm does
+    y, rates = ops.current().lif_merge_norm(
+      x.reshape(b, h, w, c).astype(self.dtype),
+      kernel.reshape(7, 7, k, c).astype(self.dtype),
+      shift,
+      scale.astype(jnp.float32) * g,
+      bias.astype(jnp.float32) * g,
+      self._lif_params(th),
+      common.LN_EPS,
+    )
+    self.sow("spikes", "rate", rates)
+    return name_spikes(y.reshape(x.shape).astype(x.dtype))
+
+
+class _Parameters(nn.Module):
+  """Parameters under this module's name as the module that normally owns them makes them
+  (names, shapes, initialisers): for a form that uses them without that module."""
+
+  specs: tuple[tuple[str, Any, tuple[int, ...]], ...]
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, ...]:
+    return tuple(self.param(n, init, shape, self.param_dtype) for n, init, shape in self.specs)
 
 
 def make_spk(cfg: Any, *, threshold_scale: float = 1.0, none_act: str = "identity", **kw) -> SPK:
