@@ -78,8 +78,9 @@ def _check(mod, params, x, g, rtol=1e-5, atol=1e-4, jaxpr_has="lif_merge_norm_fw
     ((1, 2, 8, 8, 16), {}),
     ((1, 1, 6, 5, 8), dict(thresholds=(0.5, 1.5), decay_input=False, surrogate="sigmoid")),
     ((1, 1, 7, 7, 256), dict(thresholds=(-0.5, 1.0), v_reset=None, tau=3.0)),
+    ((1, 1, 6, 5, 2048), dict(thresholds=(0.5, 1.5))),  # 3 of 6 rows per inner step
   ],
-  ids=["mbpl_default", "odd_map_sigmoid", "wide_soft_reset_negative_threshold"],
+  ids=["mbpl_default", "odd_map_sigmoid", "wide_soft_reset_negative_threshold", "very_wide"],
 )
 def test_block_matches_the_composed_spk(shape, spk):
   _check(*_case(shape, **spk))
@@ -135,6 +136,7 @@ def test_plans_and_checks():
     assert merge_norm.plan((8, h, h, c), (7, 7, 4, c), (1, 1), bf16) == merge.Plan(h, False)
   assert "VMEM" in merge_norm.plan((8, 112, 112, 64), (7, 7, 4, 64), (1, 1), bf16)
   assert "stride" in merge_norm.plan((8, 8, 8, 16), (7, 7, 4, 16), (2, 2), bf16)
+  assert merge_norm._rows(6, 5, 2048) == 3 and merge_norm._rows(56, 56, 64) == 8
   lif = lif_lib.make_params(v_threshold=(0.2, 1.0))
   x = jnp.zeros((1, 8, 8, 16))
   with pytest.raises(ValueError, match="2 thresholds"):

@@ -265,6 +265,7 @@ class _Layout:
   ksize: int
   plan: Plan
   whole_channels: bool = False  # one channel block of all C (kernels that reduce over C)
+  rows: int | None = None  # output rows per inner step (None: `_row_chunk` of the band)
 
   @property
   def cb(self):
@@ -337,7 +338,7 @@ class _Layout:
       ksize=self.ksize,
       h=band,
       w=self.w,
-      rows=_row_chunk(band),
+      rows=self.rows or _row_chunk(band),
       banded=self.plan.banded,
       **static,
     )

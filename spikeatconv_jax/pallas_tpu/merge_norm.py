@@ -69,7 +69,16 @@ def _layout(x, wt) -> merge._Layout:
   got = plan(x.shape, (ks, ks, k, c), (1, 1), x.dtype)
   if isinstance(got, str):
     raise ValueError(f"merge + LayerNorm kernels: {got}")
-  return merge._Layout(k, n, h, w, c, ks, got, whole_channels=True)
+  return merge._Layout(k, n, h, w, c, ks, got, whole_channels=True, rows=_rows(h, w, c))
+
+
+def _rows(h: int, w: int, c: int) -> int:
+  """Output rows per inner step: a float32 chunk of all C channels no larger than the
+  channel-blocked kernels' (8 rows of 56 columns of 128 lanes), which Mosaic keeps within the
+  scoped VMEM limit."""
+  row = merge._tile_bytes(1, w, c, 4)
+  cap = max(1, merge._tile_bytes(merge._ROWS, 56, merge._LANES, 4) // row)
+  return max(r for r in range(1, min(h, cap) + 1) if h % r == 0)
 
 
 def _stats(u, eps):
