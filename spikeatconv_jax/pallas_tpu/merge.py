@@ -143,15 +143,9 @@ def _zero(*refs):
     ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
 
-def _forward_kernel(x_ref, w_ref, *refs, ksize, h, w, rows, banded, lif=None):
-  # lif: x is the LIF input and refs start with the branch's threshold block.
-  th_ref, (o_ref, pad_ref, acc_ref) = (refs[0], refs[1:]) if lif else (None, refs)
-  kk = pl.program_id(3)
-  p = ksize // 2
-  # At the first branch: the accumulator, and the scratch border when XLA did not pad.
-  pl.when(kk == 0)(lambda: _zero(acc_ref, *(() if banded else (pad_ref,))))
-  fn = _lif_spikes(lif, th_ref) if lif else None
-  _fill(pad_ref, x_ref, p=p, h=h, w=w, banded=banded, fn=fn)
+def accumulate_taps(acc_ref, pad_ref, w_ref, *, ksize, h, w, rows):
+  """acc_ref [h, w, C] += the branch's depthwise conv of the bordered scratch pad_ref (every tap
+  a shifted window times its weight, w_ref[0, tap]), `rows` output rows at a time."""
 
   def step(i, carry):
     h0 = pl.multiple_of(i * rows, rows)
@@ -164,6 +158,18 @@ def _forward_kernel(x_ref, w_ref, *refs, ksize, h, w, rows, banded, lif=None):
     return carry
 
   jax.lax.fori_loop(0, h // rows, step, 0)
+
+
+def _forward_kernel(x_ref, w_ref, *refs, ksize, h, w, rows, banded, lif=None):
+  # lif: x is the LIF input and refs start with the branch's threshold block.
+  th_ref, (o_ref, pad_ref, acc_ref) = (refs[0], refs[1:]) if lif else (None, refs)
+  kk = pl.program_id(3)
+  p = ksize // 2
+  # At the first branch: the accumulator, and the scratch border when XLA did not pad.
+  pl.when(kk == 0)(lambda: _zero(acc_ref, *(() if banded else (pad_ref,))))
+  fn = _lif_spikes(lif, th_ref) if lif else None
+  _fill(pad_ref, x_ref, p=p, h=h, w=w, banded=banded, fn=fn)
+  accumulate_taps(acc_ref, pad_ref, w_ref, ksize=ksize, h=h, w=w, rows=rows)
 
   @pl.when(kk == pl.num_programs(3) - 1)
   def _():
@@ -221,34 +227,51 @@ def _backward_lif_kernel(
 ):  # fmt: skip
   """`_backward_kernel` for the fused form: the branch's spikes come from the LIF input x, and
   its input cotangent, through the surrogate, accumulates into one x cotangent over branches."""
-  kk = pl.program_id(3)
-  p, taps = ksize // 2, ksize * ksize
-  dh_dx = lif_lib.potential_gain(lif)
+  p = ksize // 2
 
-  @pl.when(kk == 0)
+  @pl.when(pl.program_id(3) == 0)
   def _():
     _zero(dxacc_ref, *(() if banded else (gpad_ref, xpad_ref)))
     _fill(gpad_ref, g_ref, p=p, h=h, w=w, banded=banded)
 
   _fill(xpad_ref, x_ref, p=p, h=h, w=w, banded=banded, fn=_lif_spikes(lif, th_ref))
+
+  def x_rows(h0):
+    if banded:
+      return x_ref[pl.ds(h0 + p, rows), p : p + w, :]
+    return x_ref[0, pl.ds(h0, rows), :, :]
+
+  lif_branch_backward(
+    x_rows, gpad_ref, xpad_ref, w_ref, th_ref, dwacc_ref, dxacc_ref, dw_ref, dx_ref,
+    ksize=ksize, h=h, w=w, rows=rows, lif=lif,
+  )  # fmt: skip
+
+
+def lif_branch_backward(
+  x_rows, gpad_ref, xpad_ref, w_ref, th_ref, dwacc_ref, dxacc_ref, dw_ref, dx_ref,
+  *, ksize, h, w, rows, lif, extra_rows=None,
+):  # fmt: skip
+  """One branch's step of a fused backward, its spikes already in xpad_ref: the transposed taps
+  (the branch's kernel-gradient partials into dw_ref), and x's cotangent accumulating
+  (dS_k + extra) ⊙ surrogate_k(x) in dxacc_ref, written to dx_ref after the last branch.
+  x_rows(h0) / extra_rows(h0): x's (and an extra share of dS_k's) `rows` rows from h0."""
+  dh_dx = lif_lib.potential_gain(lif)
   _zero(dwacc_ref)
 
   def step(i, carry):
     h0 = pl.multiple_of(i * rows, rows)
     ds = _transposed_taps(gpad_ref, xpad_ref, w_ref, dwacc_ref, h0, rows=rows, w=w, ksize=ksize)
-    if banded:
-      x = x_ref[pl.ds(h0 + p, rows), p : p + w, :]
-    else:
-      x = x_ref[0, pl.ds(h0, rows), :, :]
-    u = lif_lib.first_potential(x.astype(jnp.float32), lif) - th_ref[0]
+    if extra_rows is not None:
+      ds = ds + extra_rows(h0)
+    u = lif_lib.first_potential(x_rows(h0).astype(jnp.float32), lif) - th_ref[0]
     dxacc_ref[pl.ds(h0, rows), :, :] += ds * (surrogate_grad(u, lif.surrogate, lif.alpha) * dh_dx)
     return carry
 
   jax.lax.fori_loop(0, h // rows, step, 0)
-  for t in range(taps):
+  for t in range(ksize * ksize):
     dw_ref[0, 0, 0, t : t + 1, :] = jnp.sum(dwacc_ref[t], axis=0, keepdims=True)
 
-  @pl.when(kk == pl.num_programs(3) - 1)
+  @pl.when(pl.program_id(3) == pl.num_programs(3) - 1)
   def _():
     dx_ref[0] = dxacc_ref[...].astype(dx_ref.dtype)
 

@@ -34,7 +34,6 @@ from jax.experimental.pallas import tpu as pltpu
 from spikeatconv_jax.layers import norms
 from spikeatconv_jax.pallas_tpu import hold, merge
 from spikeatconv_jax.snn import lif as lif_lib
-from spikeatconv_jax.snn.surrogate import surrogate_grad
 
 _F32 = jnp.float32
 
@@ -104,18 +103,7 @@ def _forward_kernel(
   pl.when(kk == 0)(lambda: merge._zero(acc_ref, pad_ref))
   merge._fill(pad_ref, x_ref, p=p, h=h, w=w, banded=False, fn=merge._lif_spikes(lif, th_ref))
   rate_ref[0, 0] = jnp.sum(jnp.sum(pad_ref[...], axis=0), axis=0, keepdims=True)
-
-  def step(i, carry):
-    h0 = pl.multiple_of(i * rows, rows)
-    acc = acc_ref[pl.ds(h0, rows), :, :]
-    for a in range(ksize):
-      for b in range(ksize):
-        tap = w_ref[0, a * ksize + b : a * ksize + b + 1, :].astype(_F32)
-        acc = acc + pad_ref[pl.ds(h0 + a, rows), b : b + w, :] * tap
-    acc_ref[pl.ds(h0, rows), :, :] = acc
-    return carry
-
-  jax.lax.fori_loop(0, h // rows, step, 0)
+  merge.accumulate_taps(acc_ref, pad_ref, w_ref, ksize=ksize, h=h, w=w, rows=rows)
 
   @pl.when(kk == pl.num_programs(3) - 1)
   def _():
@@ -143,11 +131,9 @@ def _backward_kernel(
   gpad_ref, xpad_ref, dwacc_ref, dxacc_ref, *, ksize, h, w, rows, banded, lif, eps,
 ):  # fmt: skip
   del banded
-  kk = pl.program_id(3)
-  p, taps = ksize // 2, ksize * ksize
-  dh_dx = lif_lib.potential_gain(lif)
+  p = ksize // 2
 
-  @pl.when(kk == 0)
+  @pl.when(pl.program_id(3) == 0)
   def _():
     # The LayerNorm's backward (`layers.norms.normalize`) into gpad: Z's cotangent, float32.
     merge._zero(dxacc_ref, gpad_ref, xpad_ref)
@@ -175,27 +161,12 @@ def _backward_kernel(
       dp_ref[0, j : j + 1, :] = s
 
   merge._fill(xpad_ref, x_ref, p=p, h=h, w=w, banded=False, fn=merge._lif_spikes(lif, th_ref))
-  merge._zero(dwacc_ref)
-
-  def step(i, carry):
-    h0 = pl.multiple_of(i * rows, rows)
-    ds = merge._transposed_taps(
-      gpad_ref, xpad_ref, w_ref, dwacc_ref, h0, rows=rows, w=w, ksize=ksize
-    )
-    gy = g_ref[0, pl.ds(h0, rows), :, :].astype(_F32)  # the count's share of dS_k
-    x = x_ref[0, pl.ds(h0, rows), :, :].astype(_F32)
-    u = lif_lib.first_potential(x, lif) - th_ref[0]
-    sg = surrogate_grad(u, lif.surrogate, lif.alpha) * dh_dx
-    dxacc_ref[pl.ds(h0, rows), :, :] += (ds + gy) * sg
-    return carry
-
-  jax.lax.fori_loop(0, h // rows, step, 0)
-  for t in range(taps):
-    dw_ref[0, 0, 0, t : t + 1, :] = jnp.sum(dwacc_ref[t], axis=0, keepdims=True)
-
-  @pl.when(kk == pl.num_programs(3) - 1)
-  def _():
-    dx_ref[0] = dxacc_ref[...].astype(dx_ref.dtype)
+  rows_of = lambda ref: lambda h0: ref[0, pl.ds(h0, rows), :, :].astype(_F32)  # noqa: E731
+  merge.lif_branch_backward(
+    rows_of(x_ref), gpad_ref, xpad_ref, w_ref, th_ref, dwacc_ref, dxacc_ref, dw_ref, dx_ref,
+    ksize=ksize, h=h, w=w, rows=rows, lif=lif,
+    extra_rows=rows_of(g_ref),  # the count's share of dS_k: y's cotangent itself
+  )  # fmt: skip
 
 
 def _full(shape):
