@@ -59,7 +59,7 @@ Hooks (see `Ops`):
       spike_merge_conv. A table may make the spikes where it consumes them (the TPU kernels
       never store them).
   lif_merge_norm(x [N, H, W, C], kernel [kh, kw, K, C], shift [C], scale [C], bias [C], lif,
-                 epsilon) -> (y [N, H, W, C], rates [K, 1]) or None
+                 epsilon) -> (y [N, H, W, C], rates [K, 1])
       MBPL's whole T = 1 output: y = Σ_k S_k + LN(Σ_k DW_k(S_k) + shift) ⊙ scale + bias (the
       merge LayerNorm over C, eps `epsilon`, its affine with γ folded in as
       `layers.norms.ScaledLayerNorm` folds it), S_k the one-step LIF spikes of x at threshold

@@ -17,7 +17,8 @@ LayerNorm's input u = Z + shift (in x's dtype, as the portable LayerNorm keeps i
 
 A step holds the whole map of one image with all C channels (the LayerNorm reduces over C),
 so only shapes whose map fits `merge.VMEM_BUDGET` that way take these kernels (`plan`); the
-others (the stem's 112x112 maps at 224 pixels) get the parts composed. The firing rates carry
+others (at 224 pixels the stem's 112x112 maps, and the 4C-wide ones of the first two stages)
+get the parts composed. The firing rates carry
 no gradient (the train step reports them; no loss uses them).
 """
 
