@@ -83,13 +83,15 @@ def _check(mod, params, x, g, rtol=1e-5, atol=1e-4, jaxpr_has="lif_merge_norm_fw
   ids=["mbpl_default", "odd_map_sigmoid", "wide_soft_reset_negative_threshold", "very_wide"],
 )
 def test_block_matches_the_composed_spk(shape, spk):
-  _check(*_case(shape, **spk))
+  jaxpr = _check(*_case(shape, **spk))
+  assert "lif_merge_norm_bwd" in jaxpr  # the gradients came from the backward kernel
 
 
 def test_block_in_bfloat16_matches_the_composed_spk():
   # The same roundings as the composed block (Z, Z + shift and the LayerNorm in bf16); what
   # differs is where float32 sums are rounded.
-  _check(*_case((1, 2, 8, 8, 128), jnp.bfloat16, seed=3), rtol=2e-2, atol=2e-2)
+  jaxpr = _check(*_case((1, 2, 8, 8, 128), jnp.bfloat16, seed=3), rtol=2e-2, atol=2e-2)
+  assert "lif_merge_norm_bwd" in jaxpr
 
 
 def test_init_makes_the_composed_parameters():

@@ -123,6 +123,13 @@ def _tap_kernel(kernel: jax.Array) -> jax.Array:
   return kernel.transpose(2, 0, 1, 3).reshape(k, kh * kw, c)
 
 
+def kernel_grad(dwp: jax.Array, kernel_shape) -> jax.Array:
+  """The kernel's gradient [kh, kw, K, C] from the backward kernels' per-image (and per-band)
+  partials [N, K, bands, kh*kw, C], laid out as `_tap_kernel` lays the kernel out."""
+  kh, kw, k, c = kernel_shape
+  return jnp.sum(dwp, axis=(0, 2)).reshape(k, kh, kw, c).transpose(1, 2, 0, 3)
+
+
 def _fill(pad_ref, x_ref, *, p, h, w, banded, fn=None):
   """The step's input rows (through `fn`, e.g. the LIF's spikes) into the float32 scratch,
   bordered by p zeros."""
@@ -482,10 +489,9 @@ def merge_forward(x8: jax.Array, kernel: jax.Array, *, interpret: bool = False) 
 def merge_backward(x8: jax.Array, kernel: jax.Array, g: jax.Array, *, interpret: bool = False):
   """The cotangents of `merge_forward`'s float inputs: the maps' [K, N, H, W, C] in g.dtype,
   and the kernel's [ks, ks, K, C] in float32."""
-  ks, _, k, c = kernel.shape
   fn = functools.partial(_backward_call, interpret=interpret)
   dx, dwp = _per_device(fn, ("kn", "n", ""), ["kn", "n"])(x8, g, _tap_kernel(kernel))
-  return dx, jnp.sum(dwp, axis=(0, 2)).reshape(k, ks, ks, c).transpose(1, 2, 0, 3)
+  return dx, kernel_grad(dwp, kernel.shape)
 
 
 def _stack8(xs):
@@ -602,12 +608,12 @@ def lif_merge_forward(x, kernel, lif, *, interpret: bool = False) -> jax.Array:
 def lif_merge_backward(x, kernel, g, lif, *, interpret: bool = False):
   """The cotangents of `lif_merge_forward`'s inputs: x's (through the surrogate) in x.dtype,
   and the kernel's [ks, ks, K, C] in float32."""
-  ks, _, k, c = kernel.shape
+  k, c = kernel.shape[2:]
   fn = functools.partial(_lif_backward_call, lif=lif, interpret=interpret)
   dx, dwp = _per_device(fn, ("n", "n", "", ""), ["n", "n"])(
     x, g, _tap_kernel(kernel), _thresholds(lif, k, c)
   )
-  return dx, jnp.sum(dwp, axis=(0, 2)).reshape(k, ks, ks, c).transpose(1, 2, 0, 3)
+  return dx, kernel_grad(dwp, kernel.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

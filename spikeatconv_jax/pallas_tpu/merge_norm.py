@@ -271,13 +271,13 @@ def _block_fwd(x, kernel, prm, lif, eps, interpret):
 def _block_bwd(lif, eps, interpret, res, cts):
   x, u, kernel, prm = res
   g = cts[0].astype(x.dtype)  # the spike sums' cotangent is dropped (see the module docstring)
-  ks, _, k, c = kernel.shape
+  k, c = kernel.shape[2:]
   fn = functools.partial(_backward_call, lif=lif, eps=eps, interpret=interpret)
   dx, dwp, dpp = merge._per_device(fn, ("n", "n", "n", "", "", ""), ["n", "n", "n"])(
     x, u, g, merge._tap_kernel(kernel), merge._thresholds(lif, k, c), prm
   )
-  dw = jnp.sum(dwp, axis=(0, 2)).reshape(k, ks, ks, c).transpose(1, 2, 0, 3)
-  return dx, dw.astype(kernel.dtype), jnp.sum(dpp, axis=0)[:, None, :]
+  dw = merge.kernel_grad(dwp, kernel.shape).astype(kernel.dtype)
+  return dx, dw, jnp.sum(dpp, axis=0)[:, None, :]
 
 
 _block.defvjp(_block_fwd, _block_bwd)
