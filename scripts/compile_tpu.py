@@ -63,6 +63,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from spikeatconv_jax import hardware  # noqa: E402  (imports no jax: the env above still applies)
+from spikeatconv_jax.xla_cpu import malloc  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", "configs/default.py", "Config file, e.g. configs/imagenet.py:variant=tiny."
@@ -512,6 +513,9 @@ def _main(argv) -> None:
 
 
 if __name__ == "__main__":
+  # XLA:TPU's compiler allocates and frees at a high rate: under tcmalloc tiny's train step
+  # compiles about a tenth faster than under glibc malloc on a 2-core host.
+  malloc.reexec_with_tcmalloc()
   from spikeatconv_jax.train import cli
 
   cli.run(_main)
