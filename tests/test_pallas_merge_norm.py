@@ -143,3 +143,45 @@ def test_plans_and_checks():
   x = jnp.zeros((1, 8, 8, 16))
   with pytest.raises(ValueError, match="2 thresholds"):
     merge_norm.lif_merge_norm(x, jnp.zeros((7, 7, 3, 16)), *[jnp.zeros(16)] * 3, lif, 1e-6)
+
+
+def test_each_kernel_is_traced_once_per_shape():
+  """Two sites of one shape share one traced forward and one backward kernel caller (the
+  train step's compile time grows with each traced kernel); a third shape gets its own."""
+  lif = lif_lib.LIFParams(2.0, (0.5, 1.0, 1.5, 2.0), 0.0, True, True, "atan", 2.0)
+  c = 8
+  kernel = jnp.full((7, 7, 4, c), 0.01)
+  vec = jnp.ones((c,))
+
+  def site(x):
+    y, _ = merge_norm.lif_merge_norm(x, kernel, vec, vec, vec, lif, 1e-6, interpret=True)
+    return jnp.sum(y.astype(jnp.float32))
+
+  def two_sites_and_another(a, b, d):
+    return site(a) + site(b) + site(d)
+
+  x = jnp.ones((2, 8, 8, c))
+  d = jnp.ones((2, 16, 8, c))
+  jaxpr = jax.make_jaxpr(jax.grad(two_sites_and_another, (0, 1, 2)))(x, x, d)
+
+  callers = {}
+
+  def visit(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name in ("pjit", "jit") and eqn.params["name"] in (
+        "_forward_call",
+        "_backward_call",
+      ):
+        callers.setdefault(eqn.params["name"], []).append(eqn.params["jaxpr"])
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, tuple | list) else (value,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            visit(sub.jaxpr)
+          elif isinstance(sub, jax.extend.core.Jaxpr):
+            visit(sub)
+
+  visit(jaxpr.jaxpr)
+  assert sorted(callers) == ["_backward_call", "_forward_call"]
+  for name, traced in callers.items():
+    assert len(traced) == 3, name
+    assert len({id(j) for j in traced}) == 2, name  # two shapes, each traced once

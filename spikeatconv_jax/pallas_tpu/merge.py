@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -458,13 +458,23 @@ def _backward_call(x8: jax.Array, g: jax.Array, wt: jax.Array, *, interpret: boo
   )(lay.pad(x8), lay.pad(g), wt)
 
 
+@functools.cache
+def _jitted(func, keywords: tuple) -> Callable:
+  return jax.jit(functools.partial(func, **dict(keywords)))
+
+
 def _per_device(fn, in_specs, out_specs):
   """`fn` on each device's slice of the images when a mesh is set (`jax.set_mesh`: the train
   and eval steps set theirs), else `fn`. XLA's partitioner cannot split a Pallas call: without
   this it would gather every operand onto each device and run the whole batch there.
 
   Every mesh axis splits the images (the project's meshes have only batch axes, "data" and
-  "fsdp"); channels and the kernel are whole on every device."""
+  "fsdp"); channels and the kernel are whole on every device.
+
+  `fn` is a `functools.partial` of a kernel caller with keyword arguments only; it runs as one
+  jitted function per (caller, keywords), so each kernel is traced once per shape and not once
+  per site (tiny's step has 168 kernel calls of a few dozen shapes)."""
+  fn = _jitted(fn.func, tuple(sorted(fn.keywords.items())))
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return fn
