@@ -135,3 +135,65 @@ def test_grad_clip_bounds_the_first_adam_moment():
   adam = [s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")]
   mu_norm = float(optax.global_norm(adam[0].mu))
   np.testing.assert_allclose(mu_norm, (1 - c.adam_b1) * 0.1, rtol=1e-5)
+
+
+def _random_like(tree, seed):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+@pytest.mark.parametrize("grad_clip", [0.1, None])
+def test_grouped_update_equals_the_plain_one(exclude, grad_clip):
+  """optim.update (small leaves updated as concatenated vectors) gives the parameters and
+  state of tx.update + apply_lr on the plain trees, for three steps, with and without the
+  decay exclusions and the clip; the norms are the plain trees' global norms."""
+  c = _config(grad_clip=grad_clip, weight_decay=0.05, weight_decay_exclude=exclude)
+  tx, _ = optim.make_optimizer(c, total_steps=10, steps_per_epoch=1)
+  params = _random_like(PARAMS, 0)
+  plain = grouped = (params, tx.init(params))
+  grouped_update = jax.jit(lambda g, s, p: optim.update(tx, g, s, p, 0.01, exclude=exclude))
+  for step in range(3):
+    grads = jax.tree.map(lambda x: 30.0 * x, _random_like(PARAMS, step + 1))
+    updates, state = tx.update(grads, plain[1], plain[0])
+    plain = (optim.apply_lr(plain[0], updates, 0.01), state)
+    p, s, grad_norm, param_norm = grouped_update(grads, grouped[1], grouped[0])
+    grouped = (p, s)
+    np.testing.assert_allclose(grad_norm, optax.global_norm(grads), rtol=1e-6)
+    np.testing.assert_allclose(param_norm, optax.global_norm(p), rtol=1e-6)
+  assert jax.tree.structure(grouped) == jax.tree.structure(plain)
+  for a, b in zip(jax.tree.leaves(grouped), jax.tree.leaves(plain)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
+def test_leaf_groups_split_by_size_and_decay_class():
+  groups = optim.LeafGroups(PARAMS, exclude=True, below=40)
+  grouped = groups.group(PARAMS)
+  flat = flax.traverse_util.flatten_dict(grouped)
+  # Leaves of 40 elements or more stay where they are.
+  assert {k for k in flat if k[0] != optim.GROUPED} == {
+    ("stage0", "block0", "attn", "qkv", "kernel"),
+    ("stage0", "block0", "attn", "relative_position_bias_table"),
+    ("stage0", "block0", "dw", "kernel"),
+    ("head", "kernel"),
+  }
+  # The rest by decay class: the stem kernel (36) decays; norms, biases, scales, γs and the
+  # rel-pos table (4+4, 12, 9, 4, 4+4, 4+4, 10) do not.
+  assert flat[(optim.GROUPED, "float32", "decay")].shape == (36,)
+  assert flat[(optim.GROUPED, "float32", "no_decay")].shape == (59,)
+  mask = flax.traverse_util.flatten_dict(optim.weight_decay_mask(grouped))
+  assert mask[(optim.GROUPED, "float32", "decay")] is True
+  assert mask[(optim.GROUPED, "float32", "no_decay")] is False
+  assert mask[("head", "kernel")] is True
+  back = groups.ungroup(jax.tree.map(lambda x: x + 1, grouped))
+  assert jax.tree.structure(back) == jax.tree.structure(PARAMS)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(PARAMS)):
+    np.testing.assert_array_equal(a, b + 1)
+  # Without the exclusions every small leaf is in the one decayed vector.
+  flat = flax.traverse_util.flatten_dict(
+    optim.LeafGroups(PARAMS, exclude=False, below=40).group(PARAMS)
+  )
+  assert flat[(optim.GROUPED, "float32", "decay")].shape == (95,)
+  assert (optim.GROUPED, "float32", "no_decay") not in flat

@@ -153,10 +153,9 @@ def train_step(
     rates = jax.tree.map(lambda r: r / accum, rate_sum)
     correct = correct_sum / b
 
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optim.apply_lr(state.params, updates, lr)
-  grad_norm = optax.global_norm(grads)
-  param_norm = optax.global_norm(params)
+  params, opt_state, grad_norm, param_norm = optim.update(
+    tx, grads, state.opt_state, state.params, lr, exclude=bool(config.weight_decay_exclude)
+  )
   measurements = {
     "loss": loss,
     "accuracy": jnp.mean(correct.astype(jnp.float32)),
