@@ -25,6 +25,12 @@ cover every block (the compile takes longer). With
 `--top_fusions N`, the N top-level fusions and ops with the most bytes, estimated from the shapes
 of their operands and result and multiplied by the trip count of the loops around them.
 
+XLA's byte count ("bytes accessed") is every byte each op reads and writes, wherever it lives:
+XLA:TPU's memory-space assignment keeps many buffers in on-chip VMEM (`S(1)` in the optimized
+HLO's layouts) and moves them with asynchronous copies. `bytes_per_image_by_space` (the table's
+"layouts" row) splits the top-level ops' operand and result bytes, estimated from shapes, by the
+memory their layouts name: the "hbm" part is the HBM traffic, up to the estimate's overcounts.
+
 `--compare` compiles further programs in the same run and prints their ratios to the first:
 `spike-free` (the same config string with `spk=none`), another config string
 (`configs/imagenet.py:variant=tiny,spk=none`), or `key=value` overrides of the main config
@@ -218,6 +224,11 @@ def analyse(compiled, chip, images_per_chip: float, seconds: float, top: int, du
     "bound": "compute" if compute_s >= memory_s else "memory",
     "img_per_s_per_chip": images_per_chip / step_s if step_s else None,
     "mfu": c["flops"] / step_s / chip.peak_bf16_flops if step_s else None,
+    # The same bytes by the memory their layouts name (an estimate from shapes): XLA's byte
+    # count includes operands held in on-chip VMEM.
+    "bytes_per_image_by_space": {
+      k: v / images_per_chip for k, v in hardware.bytes_by_memory_space(text).items()
+    },
     "census": hardware.census(text),
     # XLA counts a while body once: with a loop of more than one trip the figures above are low.
     # (Loops of unknown trip count, e.g. Mixup's Beta sampling, are scalar work: not listed.)
@@ -334,6 +345,7 @@ def compile_program(name, config, devices, chip, args) -> dict:
 RATIO_KEYS = (
   ("flops_per_image", ("flops_per_image",)),
   ("bytes_per_image", ("bytes_per_image",)),
+  ("hbm_layout_bytes_per_image", ("bytes_per_image_by_space", "hbm")),
   ("temporaries_bytes", ("hbm", "temporaries_bytes")),
   ("total_hbm_bytes", ("hbm", "total_bytes")),
   ("roofline_step_s", ("roofline_step_s",)),
@@ -382,6 +394,12 @@ def table(result: dict) -> str:
       ("fits the chip", lambda s: "yes" if s["hbm"]["fits"] else "NO"),
       ("GFLOP / image (XLA)", lambda s: f"{s['flops_per_image'] / 1e9:.2f}"),
       ("HBM GB / image (XLA)", lambda s: f"{s['bytes_per_image'] / 1e9:.3f}"),
+      (
+        "  layouts: HBM / VMEM GB",
+        lambda s: "{:.3f} / {:.3f}".format(
+          s["bytes_per_image_by_space"]["hbm"] / 1e9, s["bytes_per_image_by_space"]["vmem"] / 1e9
+        ),
+      ),
       ("roofline step (ms)", lambda s: f"{s['roofline_step_s'] * 1e3:.2f} ({s['bound']})"),
       ("img/s per chip (roofline)", lambda s: f"{s['img_per_s_per_chip']:.0f}"),
       ("MFU at roofline (%)", lambda s: f"{100 * s['mfu']:.1f}"),

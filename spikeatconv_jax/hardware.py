@@ -222,9 +222,9 @@ def loop_trip_counts(text: str) -> list[int]:
   return out
 
 
-def top_ops(text: str, n: int) -> list[dict]:
-  """The n top-level ops (not inside a fusion) with the most bytes of operands and result,
-  times the known trip counts of the loops around them."""
+def _top_level(text: str):
+  """Yields (name, result type, opcode, rest, operand types, trips) for every op outside a
+  fusion body, trips being the known trip counts of the loops around it multiplied."""
   comps = parse_hlo(text)
   entry = comps.pop("__entry__", None)
   fused = set()
@@ -253,24 +253,62 @@ def top_ops(text: str, n: int) -> list[dict]:
       break
   skip = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call",
           "conditional", "after-all", "partition-id", "replica-id"}  # fmt: skip
-  rows = []
   for comp, k in mult.items():
     if comp in fused or comp not in comps:
       continue
+    types = {name: rtype for name, rtype, _, _ in comps[comp]}
     for name, rtype, opcode, rest in comps[comp]:
       if opcode in skip or opcode.endswith("-done"):
         continue
       operands = rest.split("), kind=")[0] if opcode == "fusion" else rest.split("), ")[0]
-      nbytes = shape_bytes(rtype) + shape_bytes(operands)
-      kind = re.search(r"kind=(k\w+)", rest)
-      op_name = _OP_NAME.search(rest)
-      rows.append({
-        "name": name,
-        "op": opcode + (f":{kind.group(1)}" if kind else ""),
-        "bytes": nbytes * k,
-        "trips": k,
-        "result": rtype[:60],
-        "source": (op_name.group(1) if op_name else "")[-110:],
-      })  # fmt: skip
+      if _SHAPE.search(operands):  # operand types written inline
+        operand_types = operands
+      else:  # XLA:TPU's text names the operands only
+        names = re.findall(r"%?([\w.\-]+)", operands)
+        operand_types = " ".join(types.get(a, "") for a in names)
+      yield name, rtype, opcode, rest, operand_types, k
+
+
+def top_ops(text: str, n: int) -> list[dict]:
+  """The n top-level ops (not inside a fusion) with the most bytes of operands and result,
+  times the known trip counts of the loops around them."""
+  rows = []
+  for name, rtype, opcode, rest, operand_types, k in _top_level(text):
+    nbytes = shape_bytes(rtype) + shape_bytes(operand_types)
+    kind = re.search(r"kind=(k\w+)", rest)
+    op_name = _OP_NAME.search(rest)
+    rows.append({
+      "name": name,
+      "op": opcode + (f":{kind.group(1)}" if kind else ""),
+      "bytes": nbytes * k,
+      "trips": k,
+      "result": rtype[:60],
+      "source": (op_name.group(1) if op_name else "")[-110:],
+    })  # fmt: skip
   rows.sort(key=lambda r: -r["bytes"])
   return rows[:n]
+
+
+_SPACED = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
+_SPACE = re.compile(r"S\((\d+)\)")
+SPACES = {0: "hbm", 1: "vmem"}  # XLA:TPU's memory space ids in layouts; others: "other"
+
+
+def bytes_by_memory_space(text: str) -> dict[str, int]:
+  """Bytes of the operands and results of the top-level ops (times their loops' trip counts)
+  by the memory space their layouts name: "hbm" (no `S(n)`, or S(0)), "vmem" (S(1), where
+  XLA:TPU's memory-space assignment places buffers on chip), "other" (scalars in S(2), S(6)).
+
+  An estimate from shapes, as `top_ops`: an asynchronous copy or slice (`*-start`) counts its
+  result tuple (destination and source; a slice's whole source), a fusion its operands whole
+  even where it reads part of one. XLA's cost analysis ("bytes accessed") counts the bytes an
+  op accesses whatever memory they live in; this tells how many of them are in HBM."""
+  out = {"hbm": 0, "vmem": 0, "other": 0}
+  for _, rtype, opcode, _, operand_types, k in _top_level(text):
+    shapes = rtype if opcode.endswith("-start") else f"{rtype} {operand_types}"
+    for dtype, dims, layout in _SPACED.findall(shapes):
+      m = _SPACE.search(layout or "")
+      space = SPACES.get(int(m.group(1)) if m else 0, "other")
+      size = _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+      out[space] += int(size * k)
+  return out

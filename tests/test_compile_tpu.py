@@ -96,6 +96,29 @@ def test_top_ops_multiply_bytes_by_the_loop_trip_count():
   assert all(r["name"] != "transpose.3" for r in top)  # inside a fusion, not top-level
 
 
+# XLA:TPU's own text: operands by name only, memory spaces in the layouts (S(1): VMEM).
+_TPU_SPACES = """\
+HloModule jit_step
+
+ENTRY %main (p: f32[1024]) -> f32[1024] {
+  %p = f32[1024]{0:T(1024)} parameter(0)
+  %cs = (f32[1024]{0:T(1024)S(1)}, f32[1024]{0:T(1024)}, u32[]{:S(2)}) copy-start(%p)
+  %cd = f32[1024]{0:T(1024)S(1)} copy-done(%cs)
+  %f = bf16[1024]{0:T(1024)S(1)} fusion(%cd), kind=kLoop, calls=%fused
+  ROOT %g = f32[1024]{0:T(1024)} fusion(%f, %p), kind=kLoop, calls=%fused.2
+}
+"""  # noqa: E501
+
+
+def test_bytes_by_memory_space_read_the_layouts():
+  got = hardware.bytes_by_memory_space(_TPU_SPACES)
+  # copy-start: its 4 KiB HBM source and 4 KiB VMEM destination (4 bytes of context: other);
+  # %f reads 4 KiB of VMEM, writes 2 KiB of VMEM; %g reads 2 KiB VMEM + 4 KiB HBM, writes 4 KiB.
+  assert got == {"hbm": 4096 + 4096 + 4096, "vmem": 4096 + 4096 + 2048 + 2048, "other": 4}
+  top = {r["name"]: r["bytes"] for r in hardware.top_ops(_TPU_SPACES, 5)}
+  assert top["g"] == 4096 + 2048 + 4096  # operands found by name
+
+
 @pytest.mark.parametrize(
   "name, chips", [("v5e:2x2", 4), ("v5e:16x16", 256), ("v4:2x2x1", 4), ("v6e:1x1", 1)]
 )
@@ -149,6 +172,8 @@ def test_compiles_nano_for_one_v5e_chip(tmp_path):
     assert hbm["fits"] and hbm["arguments_bytes"] > 0 and hbm["temporaries_bytes"] > 0
     assert hbm["total_bytes"] >= hbm["temporaries_bytes"]
     assert step["flops_per_image"] > 1e6 and step["bytes_per_image"] > 1e5
+    spaces = step["bytes_per_image_by_space"]
+    assert spaces["hbm"] > 0 and spaces["vmem"] >= 0 and set(spaces) == {"hbm", "vmem", "other"}
     assert step["roofline_step_s"] > 0 and step["img_per_s_per_chip"] > 0
     assert 0 < step["mfu"] <= 1 and step["compile_s"] > 0
     assert step["census"]["convolutions"] > 0 and step["census"]["fusions"] > 0
@@ -171,3 +196,4 @@ def test_compiles_nano_for_one_v5e_chip(tmp_path):
   assert program["train"]["flops_per_image"] > 2 * program["eval"]["flops_per_image"]
   assert len(program["train"]["top_fusions"]) == 3
   assert "train step" in r.stdout and "HBM total / chip" in r.stdout
+  assert "layouts: HBM / VMEM GB" in r.stdout and "hbm_layout_bytes_per_image" in ratios
