@@ -213,7 +213,8 @@ def update(
   `tx` (from `make_optimizer`) runs on the grouped trees of `LeafGroups` and the rate is
   applied there (`apply_lr`); params and opt_state come back in the parameters' own tree. The
   values equal tx.update + apply_lr on the plain trees up to the global norms' float32
-  summation order.
+  summation order. `exclude` is `config.weight_decay_exclude`, as `make_optimizer` read it
+  (it sorts the small leaves into the decay classes that tx's mask then sees).
   """
   groups = LeafGroups(params, exclude=exclude)
   g, p = groups.group(grads), groups.group(params)
