@@ -299,16 +299,27 @@ def bytes_by_memory_space(text: str) -> dict[str, int]:
   by the memory space their layouts name: "hbm" (no `S(n)`, or S(0)), "vmem" (S(1), where
   XLA:TPU's memory-space assignment places buffers on chip), "other" (scalars in S(2), S(6)).
 
-  An estimate from shapes, as `top_ops`: an asynchronous copy or slice (`*-start`) counts its
-  result tuple (destination and source; a slice's whole source), a fusion its operands whole
-  even where it reads part of one. XLA's cost analysis ("bytes accessed") counts the bytes an
-  op accesses whatever memory they live in; this tells how many of them are in HBM."""
-  out = {"hbm": 0, "vmem": 0, "other": 0}
-  for _, rtype, opcode, _, operand_types, k in _top_level(text):
-    shapes = rtype if opcode.endswith("-start") else f"{rtype} {operand_types}"
+  An estimate from shapes, as `top_ops`: an asynchronous copy (`*-start`) counts its result
+  tuple (destination and source), an asynchronous slice its destination's bytes once in the
+  source's memory and once in its own, a fusion its operands whole even where it reads part of
+  one (so a scanned loop's dynamic slice of its stacked parameters counts the whole stack each
+  trip: use unscanned programs). XLA's cost analysis ("bytes accessed") counts the bytes an op
+  accesses whatever memory they live in; this tells how many of them are in HBM."""
+
+  def spaced(shapes: str):
     for dtype, dims, layout in _SPACED.findall(shapes):
       m = _SPACE.search(layout or "")
-      space = SPACES.get(int(m.group(1)) if m else 0, "other")
       size = _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+      yield SPACES.get(int(m.group(1)) if m else 0, "other"), size
+
+  out = {"hbm": 0, "vmem": 0, "other": 0}
+  for _, rtype, opcode, _, operand_types, k in _top_level(text):
+    if opcode == "slice-start":  # ((source), destination, context)
+      parts = list(spaced(rtype))
+      (src_space, _), (dst_space, size) = parts[:2]
+      found = [(src_space, size), (dst_space, size), *parts[2:]]
+    else:
+      found = spaced(rtype if opcode.endswith("-start") else f"{rtype} {operand_types}")
+    for space, size in found:
       out[space] += int(size * k)
   return out

@@ -104,6 +104,8 @@ ENTRY %main (p: f32[1024]) -> f32[1024] {
   %p = f32[1024]{0:T(1024)} parameter(0)
   %cs = (f32[1024]{0:T(1024)S(1)}, f32[1024]{0:T(1024)}, u32[]{:S(2)}) copy-start(%p)
   %cd = f32[1024]{0:T(1024)S(1)} copy-done(%cs)
+  %ss = ((f32[1024]{0:T(1024)}), f32[256]{0:T(256)S(1)}, s32[]{:S(2)}) slice-start(%p), slice={[0:256]}
+  %sd = f32[256]{0:T(256)S(1)} slice-done(%ss)
   %f = bf16[1024]{0:T(1024)S(1)} fusion(%cd), kind=kLoop, calls=%fused
   ROOT %g = f32[1024]{0:T(1024)} fusion(%f, %p), kind=kLoop, calls=%fused.2
 }
@@ -113,8 +115,10 @@ ENTRY %main (p: f32[1024]) -> f32[1024] {
 def test_bytes_by_memory_space_read_the_layouts():
   got = hardware.bytes_by_memory_space(_TPU_SPACES)
   # copy-start: its 4 KiB HBM source and 4 KiB VMEM destination (4 bytes of context: other);
+  # slice-start: the 1 KiB slice read from HBM and written to VMEM (not its whole source);
   # %f reads 4 KiB of VMEM, writes 2 KiB of VMEM; %g reads 2 KiB VMEM + 4 KiB HBM, writes 4 KiB.
-  assert got == {"hbm": 4096 + 4096 + 4096, "vmem": 4096 + 4096 + 2048 + 2048, "other": 4}
+  hbm = 4096 + 1024 + 4096 + 4096
+  assert got == {"hbm": hbm, "vmem": 4096 + 1024 + 4096 + 2048 + 2048, "other": 4 + 4}
   top = {r["name"]: r["bytes"] for r in hardware.top_ops(_TPU_SPACES, 5)}
   assert top["g"] == 4096 + 2048 + 4096  # operands found by name
 
