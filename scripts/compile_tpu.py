@@ -29,7 +29,8 @@ XLA's byte count ("bytes accessed") is every byte each op reads and writes, wher
 XLA:TPU's memory-space assignment keeps many buffers in on-chip VMEM (`S(1)` in the optimized
 HLO's layouts) and moves them with asynchronous copies. `bytes_per_image_by_space` (the table's
 "layouts" row) splits the top-level ops' operand and result bytes, estimated from shapes, by the
-memory their layouts name: the "hbm" part is the HBM traffic, up to the estimate's overcounts.
+memory their layouts name: the "hbm" part estimates the HBM traffic (on `--unroll` programs: in
+a scanned loop each dynamic slice of the stacked parameters counts the whole stack).
 
 `--compare` compiles further programs in the same run and prints their ratios to the first:
 `spike-free` (the same config string with `spk=none`), another config string
