@@ -473,7 +473,7 @@ def _per_device(fn, in_specs, out_specs):
 
   `fn` is a `functools.partial` of a kernel caller with keyword arguments only; it runs as one
   jitted function per (caller, keywords), so each kernel is traced once per shape and not once
-  per site (tiny's step has 168 kernel calls of a few dozen shapes)."""
+  per site (tiny's train step: 168 kernel calls, 32 distinct kernels)."""
   fn = _jitted(fn.func, tuple(sorted(fn.keywords.items())))
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
