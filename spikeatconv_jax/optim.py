@@ -151,10 +151,11 @@ class LeafGroups:
     params: the parameter tree (nested dicts; arrays or abstract shapes).
     exclude: `config.weight_decay_exclude`: leaves are grouped by `decays(path)` when set, all
       in one decay class when not.
-    below: the element count under which a leaf is grouped.
+    below: the element count under which a leaf is grouped (default `GROUP_BELOW`).
   """
 
-  def __init__(self, params: Any, *, exclude: bool, below: int = GROUP_BELOW):
+  def __init__(self, params: Any, *, exclude: bool, below: int | None = None):
+    below = GROUP_BELOW if below is None else below
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
     self._treedef = jax.tree.structure(params)
     self._kept = [path for path, x in flat.items() if np.prod(x.shape) >= below]

@@ -145,10 +145,14 @@ def _random_like(tree, seed):
 
 @pytest.mark.parametrize("exclude", [True, False])
 @pytest.mark.parametrize("grad_clip", [0.1, None])
-def test_grouped_update_equals_the_plain_one(exclude, grad_clip):
+@pytest.mark.parametrize("below", [40, None])
+def test_grouped_update_equals_the_plain_one(exclude, grad_clip, below, monkeypatch):
   """optim.update (small leaves updated as concatenated vectors) gives the parameters and
   state of tx.update + apply_lr on the plain trees, for three steps, with and without the
-  decay exclusions and the clip; the norms are the plain trees' global norms."""
+  decay exclusions and the clip, with some leaves kept (below=40) and all grouped (the
+  default); the norms are the plain trees' global norms."""
+  if below is not None:
+    monkeypatch.setattr(optim, "GROUP_BELOW", below)
   c = _config(grad_clip=grad_clip, weight_decay=0.05, weight_decay_exclude=exclude)
   tx, _ = optim.make_optimizer(c, total_steps=10, steps_per_epoch=1)
   params = _random_like(PARAMS, 0)
