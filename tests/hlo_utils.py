@@ -18,6 +18,19 @@ def computations(compiled) -> Iterator[tuple[str, str, str]]:
     yield m.group(1), m.group(2), m.group(3)
 
 
+def equations(jaxpr) -> Iterator:
+  """Every equation of a jaxpr (or ClosedJaxpr), those of its nested jaxprs included (scan and
+  cond bodies, custom-VJP functions, pjit calls)."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, tuple | list) else (v,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from equations(inner)
+
+
 def train_mode_loss(model, image_shape=(2, 32, 32, 3)):
   """(loss, abstract variables) of `model` in train mode on zeros: loss(params, batch_stats) is
   the sum of squared logits, for tests that lower or trace a forward+backward."""

@@ -414,16 +414,11 @@ def test_branch_sum_module_keeps_the_grouped_kernel():
 
 def _conv_group_counts(jaxpr) -> list[tuple[int, int]]:
   """(feature_group_count, batch_group_count) of every convolution in a jaxpr, sub-jaxprs too."""
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "conv_general_dilated":
-      out.append((eqn.params["feature_group_count"], eqn.params["batch_group_count"]))
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, tuple | list) else (v,):
-        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-        if hasattr(sub, "eqns"):
-          out += _conv_group_counts(sub)
-  return out
+  return [
+    (eqn.params["feature_group_count"], eqn.params["batch_group_count"])
+    for eqn in hlo_utils.equations(jaxpr)
+    if eqn.primitive.name == "conv_general_dilated"
+  ]
 
 
 @pytest.mark.parametrize("form", ["xla", "taps"])

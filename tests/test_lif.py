@@ -2,6 +2,7 @@
 
 import itertools
 
+import hlo_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,18 +116,8 @@ def test_residuals_are_the_input_or_the_pre_spike_potentials(t, dtype):
 
 def _scans(fn, *args) -> list[dict]:
   """The params of every scan in the jaxpr of fn(*args), nested jaxprs included."""
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "scan":
-        yield eqn.params
-      for v in eqn.params.values():
-        for sub in v if isinstance(v, (tuple, list)) else (v,):
-          inner = getattr(sub, "jaxpr", sub)
-          if hasattr(inner, "eqns"):
-            yield from walk(inner)
-
-  return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+  eqns = hlo_utils.equations(jax.make_jaxpr(fn)(*args))
+  return [eqn.params for eqn in eqns if eqn.primitive.name == "scan"]
 
 
 @pytest.mark.parametrize("t", [1, 2, 4, 16])

@@ -6,6 +6,7 @@ not fit. (`tests/test_compile_tpu.py` lowers the kernels through Mosaic.)"""
 import dataclasses
 import functools
 
+import hlo_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,22 +166,10 @@ def test_each_kernel_is_traced_once_per_shape():
   jaxpr = jax.make_jaxpr(jax.grad(two_sites_and_another, (0, 1, 2)))(x, x, d)
 
   callers = {}
-
-  def visit(jx):
-    for eqn in jx.eqns:
-      if eqn.primitive.name in ("pjit", "jit") and eqn.params["name"] in (
-        "_forward_call",
-        "_backward_call",
-      ):
-        callers.setdefault(eqn.params["name"], []).append(eqn.params["jaxpr"])
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, tuple | list) else (value,):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            visit(sub.jaxpr)
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            visit(sub)
-
-  visit(jaxpr.jaxpr)
+  for eqn in hlo_utils.equations(jaxpr):
+    name = eqn.params.get("name") if eqn.primitive.name in ("pjit", "jit") else None
+    if name in ("_forward_call", "_backward_call"):
+      callers.setdefault(name, []).append(eqn.params["jaxpr"])
   assert sorted(callers) == ["_backward_call", "_forward_call"]
   for name, traced in callers.items():
     assert len(traced) == 3, name
