@@ -113,19 +113,29 @@ _DTYPE_BYTES = {
   "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
   "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1,
 }  # fmt: skip
-_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")  # + layout
+_SPACE = re.compile(r"S\((\d+)\)")
+SPACES = {0: "hbm", 1: "vmem"}  # XLA:TPU's memory space ids in layouts; others: "other"
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _INSTR = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
+def _shapes(text: str):
+  """(memory space id, bytes) of every array shape written in `text` (padding ignored): the
+  space is a layout's `S(n)`, 0 (HBM) without one."""
+  for dtype, dims, layout in _SHAPE.findall(text):
+    m = _SPACE.search(layout)
+    yield (
+      (int(m.group(1)) if m else 0),
+      _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d),
+    )
+
+
 def shape_bytes(text: str) -> int:
   """Bytes of every array shape written in `text` (layouts and padding ignored)."""
-  total = 0.0
-  for dtype, dims in _SHAPE.findall(text):
-    total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-  return int(total)
+  return int(sum(size for _, size in _shapes(text)))
 
 
 def parse_hlo(text: str) -> dict[str, list[tuple[str, str, str, str]]]:
@@ -289,11 +299,6 @@ def top_ops(text: str, n: int) -> list[dict]:
   return rows[:n]
 
 
-_SPACED = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
-_SPACE = re.compile(r"S\((\d+)\)")
-SPACES = {0: "hbm", 1: "vmem"}  # XLA:TPU's memory space ids in layouts; others: "other"
-
-
 def bytes_by_memory_space(text: str) -> dict[str, int]:
   """Bytes of the operands and results of the top-level ops (times their loops' trip counts)
   by the memory space their layouts name: "hbm" (no `S(n)`, or S(0)), "vmem" (S(1), where
@@ -306,20 +311,14 @@ def bytes_by_memory_space(text: str) -> dict[str, int]:
   trip: use unscanned programs). XLA's cost analysis ("bytes accessed") counts the bytes an op
   accesses whatever memory they live in; this tells how many of them are in HBM."""
 
-  def spaced(shapes: str):
-    for dtype, dims, layout in _SPACED.findall(shapes):
-      m = _SPACE.search(layout or "")
-      size = _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-      yield SPACES.get(int(m.group(1)) if m else 0, "other"), size
-
   out = {"hbm": 0, "vmem": 0, "other": 0}
   for _, rtype, opcode, _, operand_types, k in _top_level(text):
     if opcode == "slice-start":  # ((source), destination, context)
-      parts = list(spaced(rtype))
+      parts = list(_shapes(rtype))
       (src_space, _), (dst_space, size) = parts[:2]
       found = [(src_space, size), (dst_space, size), *parts[2:]]
     else:
-      found = spaced(rtype if opcode.endswith("-start") else f"{rtype} {operand_types}")
+      found = _shapes(rtype if opcode.endswith("-start") else f"{rtype} {operand_types}")
     for space, size in found:
-      out[space] += int(size * k)
+      out[SPACES.get(space, "other")] += int(size * k)
   return out
